@@ -1,0 +1,149 @@
+"""The KL-regularised autoencoder ("kl-f8") that moves images to and from Stable Diffusion's latent space.
+
+Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (arXiv 2112.10752), section 3.
+The encoder maps an image [B, 3, H, W] in [-1, 1] to a diagonal Gaussian over latents [B, 4, H/8, W/8]; the decoder
+maps a latent back to an image. The scaling factor (0.18215) is applied by the caller, not here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AutoencoderConfig
+from .layers import Downsample, GroupNorm, ResBlock, Upsample
+
+
+class DiagonalGaussian:
+    """The encoder's posterior N(mean, exp(logvar)), log-variance clamped to [-30, 20] as in the original."""
+
+    def __init__(self, moments: torch.Tensor) -> None:
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """mean + std * noise; the noise is ONE randn of the latent's shape from ``generator`` (seeds match diffusers)."""
+        # Like diffusers, draw on the generator's device (a CPU generator gives the same noise for a CUDA model).
+        device = generator.device if generator is not None else self.mean.device
+        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.device)
+
+
+class SelfAttention2d(nn.Module):
+    """Single-head self-attention over the pixels of a feature map, with a residual connection."""
+
+    def __init__(self, channels: int, *, groups: int, eps: float) -> None:
+        super().__init__()
+        self.norm = GroupNorm(groups, channels, eps=eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # (B, C, H, W) -> (B, 1, H*W, C): one head
+        tokens = self.norm(x).flatten(2).transpose(1, 2)[:, None]
+        out = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
+        # (B, 1, H*W, C) -> (B, C, H, W)
+        out = self.to_out(out[:, 0]).transpose(1, 2).reshape(b, c, h, w)
+        return out + x  # this order keeps diffusers' memory layout (and so its conv kernels) for the next block
+
+
+class MidBlock(nn.Module):
+    """Residual block, self-attention, residual block: the only attention in the autoencoder."""
+
+    def __init__(self, channels: int, *, groups: int, eps: float) -> None:
+        super().__init__()
+        self.res1 = ResBlock(channels, channels, groups=groups, eps=eps)
+        self.attn = SelfAttention2d(channels, groups=groups, eps=eps)
+        self.res2 = ResBlock(channels, channels, groups=groups, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res2(self.attn(self.res1(x)))
+
+
+class Level(nn.Module):
+    """Residual blocks at one resolution, then a resample (or none at the end of the path)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, n_res: int, groups: int, eps: float, resample: nn.Module | None) -> None:
+        super().__init__()
+        widths = [in_channels] + [out_channels] * (n_res - 1)
+        self.res = nn.ModuleList(ResBlock(c, out_channels, groups=groups, eps=eps) for c in widths)
+        self.resample = resample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for res in self.res:
+            x = res(x)
+        return self.resample(x) if self.resample is not None else x
+
+
+class Encoder(nn.Module):
+    """Image [B, 3, H, W] -> moments [B, 2 * latent_channels, H / f, W / f] (f = 2 ** (levels - 1))."""
+
+    def __init__(self, config: AutoencoderConfig) -> None:
+        super().__init__()
+        widths, groups, eps = config.channels, config.norm_groups, config.norm_eps
+        self.conv_in = nn.Conv2d(config.image_channels, widths[0], 3, padding=1)
+        self.down = nn.ModuleList(
+            Level(
+                widths[max(i - 1, 0)], width, n_res=config.res_blocks, groups=groups, eps=eps,
+                resample=Downsample(width, asymmetric_padding=True) if i < len(widths) - 1 else None,
+            )
+            for i, width in enumerate(widths)
+        )
+        self.mid = MidBlock(widths[-1], groups=groups, eps=eps)
+        self.norm_out = GroupNorm(groups, widths[-1], eps=eps)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for level in self.down:
+            x = level(x)
+        x = self.mid(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """Latent [B, latent_channels, h, w] -> image [B, 3, h * f, w * f]; levels run deepest first, one more res block each."""
+
+    def __init__(self, config: AutoencoderConfig) -> None:
+        super().__init__()
+        widths, groups, eps = config.channels[::-1], config.norm_groups, config.norm_eps
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
+        self.mid = MidBlock(widths[0], groups=groups, eps=eps)
+        self.up = nn.ModuleList(
+            Level(
+                widths[max(i - 1, 0)], width, n_res=config.res_blocks + 1, groups=groups, eps=eps,
+                resample=Upsample(width) if i < len(widths) - 1 else None,
+            )
+            for i, width in enumerate(widths)
+        )
+        self.norm_out = GroupNorm(groups, widths[-1], eps=eps)
+        self.conv_out = nn.Conv2d(widths[-1], config.image_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid(self.conv_in(z))
+        for level in self.up:
+            x = level(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """``encode(x) -> DiagonalGaussian`` over latents; ``decode(z) -> x``. Images live in [-1, 1]."""
+
+    def __init__(self, config: AutoencoderConfig = AutoencoderConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.decoder = Decoder(config)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))

@@ -1,0 +1,70 @@
+"""The vision tower of CLIP ViT-L/14 (Radford et al., arXiv 2103.00020; Dosovitskiy et al., arXiv 2010.11929).
+
+Pixels [B, 3, 224, 224] -> 16x16 patches + a class token -> 24 pre-LN transformer layers (quick-GELU MLPs) ->
+the post-LayerNorm class token [B, 1024] (Hugging Face's ``pooler_output``). The CLIP projection is not used by
+Paint by Example and is not built.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import CLIPVisionConfig
+from .layers import Attention, LayerNorm
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: CLIPVisionConfig) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(config.width, eps=config.norm_eps)
+        self.attn = Attention(config.width, config.heads, qkv_bias=True)
+        self.norm2 = LayerNorm(config.width, eps=config.norm_eps)
+        self.mlp = MLP(config.width, config.mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CLIPVisionTower(nn.Module):
+    """``tower(pixel_values [B, 3, S, S]) -> pooled [B, width]``."""
+
+    def __init__(self, config: CLIPVisionConfig = CLIPVisionConfig()) -> None:
+        super().__init__()
+        self.config = config
+        num_patches = (config.image_size // config.patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size, bias=False)
+        self.class_embed = nn.Parameter(torch.zeros(config.width))
+        self.position_embed = nn.Parameter(torch.zeros(num_patches + 1, config.width))
+        self.pre_norm = LayerNorm(config.width, eps=config.norm_eps)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
+        self.post_norm = LayerNorm(config.width, eps=config.norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        batch = pixel_values.shape[0]
+        # (B, 3, S, S) -> (B, P, width): one token per patch
+        patches = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        class_token = self.class_embed.expand(batch, 1, -1)
+        x = torch.cat([class_token, patches], dim=1) + self.position_embed
+        x = self.pre_norm(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.post_norm(x[:, 0])

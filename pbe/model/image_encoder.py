@@ -1,0 +1,63 @@
+"""Paint by Example's example-image encoder: the conditioning token the UNet cross-attends to.
+
+Yang et al., "Paint by Example" (arXiv 2211.13227), section 3.2: only CLIP's class token is kept (an information
+bottleneck that stops the model from copy-pasting the example), refined by a small single-head transformer
+("mapper"), normalised and projected to the UNet's context width. A learned token stands in for "no example" in
+classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip import CLIPVisionTower
+from .config import ImageEncoderConfig
+from .layers import Attention, LayerNorm
+
+
+class MapperMLP(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, unlike CLIP's quick-GELU
+
+
+class MapperBlock(nn.Module):
+    """Pre-LN transformer block with one attention head and biases everywhere."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(width)
+        self.attn = Attention(width, heads=1, qkv_bias=True)
+        self.norm2 = LayerNorm(width)
+        self.mlp = MapperMLP(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ImageEncoder(nn.Module):
+    """``encoder(pixel_values [B, 3, 224, 224]) -> context [B, 1, 768]``; ``encoder.uncond_embedding`` is [1, 1, 768]."""
+
+    def __init__(self, config: ImageEncoderConfig = ImageEncoderConfig()) -> None:
+        super().__init__()
+        self.config = config
+        width = config.clip.width
+        self.clip = CLIPVisionTower(config.clip)
+        self.mapper = nn.ModuleList(MapperBlock(width) for _ in range(config.mapper_layers))
+        self.final_norm = LayerNorm(width)
+        self.proj = nn.Linear(width, config.embed_dim)
+        self.uncond_embedding = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # (B, width) -> (B, 1, width): the pooled class token is a sequence of one
+        x = self.clip(pixel_values)[:, None]
+        for block in self.mapper:
+            x = block(x)
+        return self.proj(self.final_norm(x))

@@ -1,0 +1,160 @@
+"""Convert either official Paint by Example layout into pbe's own parameter names, fully checked.
+
+``convert(src)`` takes a hub-layout folder (``Fantasy-Studio/Paint-by-Example``) or an original-layout checkpoint
+(``model.ckpt`` or an original-layout ``.safetensors``) and returns the configs, our three state dicts, and a report of
+what was mapped and what was skipped on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pbe.model import AutoencoderKL, ImageEncoder, PaintByExampleConfig, UNet
+
+from . import configs, tables
+from pbe.checkpoint import CheckpointError
+
+from .mapping import apply, build_keymap
+from .readers import read_tensors
+
+NETWORKS = {"unet": UNet, "vae": AutoencoderKL, "image_encoder": ImageEncoder}
+RULES = {"unet": tables.unet_rules, "vae": tables.vae_rules, "image_encoder": tables.image_encoder_rules}
+HUB_WEIGHTS = {  # preferred first
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "image_encoder": ("model.safetensors", "pytorch_model.bin"),
+}
+
+
+@dataclass
+class Converted:
+    config: PaintByExampleConfig
+    state_dicts: dict[str, dict[str, torch.Tensor]]  # network name -> our state dict
+    layout: str  # "diffusers" or "ldm"
+    sources: dict[str, str] = field(default_factory=dict)  # network name -> file it came from
+    ignored: dict[str, str] = field(default_factory=dict)  # source key -> why it was skipped
+
+    def report(self) -> str:
+        """A one-screen summary: tensors mapped per network, tensors ignored on purpose and why."""
+        lines = [f"layout: {self.layout}"]
+        for name, sd in self.state_dicts.items():
+            count = sum(t.numel() for t in sd.values())
+            lines.append(f"  {name:<14} {len(sd):>4} tensors  {count:>12,} parameters  <- {self.sources[name]}")
+        reasons: dict[str, list[str]] = {}
+        for key, why in self.ignored.items():
+            reasons.setdefault(why, []).append(key)
+        lines.append(f"ignored on purpose: {len(self.ignored)} tensors")
+        for why, keys in reasons.items():
+            shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+            lines.append(f"  {len(keys):>3} x {why}: {shown}")
+        return "\n".join(lines)
+
+
+def our_shapes(network: str, config: object) -> dict[str, torch.Size]:
+    """Parameter names and shapes of one of our networks, from a model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = NETWORKS[network](config)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _convert_one(network: str, config: PaintByExampleConfig, layout: str, source: dict[str, torch.Tensor],
+                 ignored: dict[str, str], origin: str, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    net_config = getattr(config, network)
+    shapes = {k: v.shape for k, v in source.items()}
+    keymap = build_keymap(RULES[network](net_config, layout), our_shapes(network, net_config), shapes, ignored, origin=origin)
+    return apply(keymap, source, dtype=dtype), keymap.ignored
+
+
+def _check_paint_by_example(config: PaintByExampleConfig, origin: str) -> None:
+    expected = 2 * config.vae.latent_channels + 1
+    if config.unet.in_channels != expected:
+        raise CheckpointError(
+            f"{origin}: the UNet takes {config.unet.in_channels} input channels, Paint by Example needs {expected} "
+            f"(noisy latent + masked-image latent + mask); this looks like a "
+            f"{'text-to-image ' if config.unet.in_channels == config.vae.latent_channels else ''}Stable Diffusion checkpoint"
+        )
+    if config.unet.context_dim != config.image_encoder.embed_dim:
+        raise CheckpointError(f"{origin}: the UNet attends to {config.unet.context_dim}-wide tokens but the image "
+                              f"encoder makes {config.image_encoder.embed_dim}-wide ones")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (a hub-layout folder needs it)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+
+
+def convert_hub_folder(folder: Path, *, dtype: torch.dtype | None = None) -> Converted:
+    """A folder laid out like the hub repo ``Fantasy-Studio/Paint-by-Example``."""
+    folder = Path(folder)
+    if not (folder / "image_encoder").is_dir():
+        what = "a Stable Diffusion folder (it has a text encoder)" if (folder / "text_encoder").is_dir() else "no image_encoder/ folder"
+        raise CheckpointError(f"{folder}: not a Paint by Example hub folder: {what}")
+    config = PaintByExampleConfig(
+        unet=configs.unet_config_from_diffusers(_read_json(folder / "unet/config.json"), origin=str(folder / "unet/config.json")),
+        vae=configs.vae_config_from_diffusers(_read_json(folder / "vae/config.json"), origin=str(folder / "vae/config.json")),
+        image_encoder=configs.image_encoder_config_from_transformers(
+            _read_json(folder / "image_encoder/config.json"), origin=str(folder / "image_encoder/config.json")),
+    )
+    _check_paint_by_example(config, str(folder))
+    result = Converted(config, {}, "diffusers")
+    for network, names in HUB_WEIGHTS.items():
+        path = next((folder / network / n for n in names if (folder / network / n).is_file()), None)
+        if path is None:
+            raise CheckpointError(f"{folder / network}: no weights file (looked for {' or '.join(names)})")
+        ignored = dict(tables.IGNORED["diffusers"].get(network, []))
+        result.state_dicts[network], skipped = _convert_one(network, config, "diffusers", read_tensors(path), ignored, str(path), dtype)
+        result.sources[network] = str(path)
+        result.ignored.update(skipped)
+    return result
+
+
+def convert_ldm_state_dict(source: dict[str, torch.Tensor], *, origin: str, base: PaintByExampleConfig | None = None,
+                           dtype: torch.dtype | None = None) -> Converted:
+    """An original-layout state dict (``model.ckpt``'s ``state_dict``), structure read from its shapes.
+
+    Head counts and GroupNorm groups cannot be read from weights: they come from ``base`` (default: official values).
+    """
+    if any(k.startswith("cond_stage_model.transformer.text_model.") for k in source):
+        raise CheckpointError(f"{origin}: has CLIP text-encoder keys: a Stable Diffusion checkpoint, not Paint by Example")
+    shapes = {k: v.shape for k, v in source.items()}
+    config = configs.config_from_ldm(shapes, base or PaintByExampleConfig(), origin=origin)
+    _check_paint_by_example(config, origin)
+    prefixes = {"unet": ("model.diffusion_model.",), "vae": ("first_stage_model.",),
+                "image_encoder": ("cond_stage_model.", "proj_out.", "learnable_vector")}
+    common_ignored = dict(tables.IGNORED["ldm"]["all"])
+    claimed = {k for k in source if any(k.startswith(p) for ps in prefixes.values() for p in ps)}
+    unexpected = [k for k in source if k not in claimed and k not in common_ignored]
+    if unexpected:
+        shown = ", ".join(sorted(unexpected)[:5])
+        raise CheckpointError(f"{origin}: unexpected keys (not part of Paint by Example): {len(unexpected)} ({shown})")
+    result = Converted(config, {}, "ldm", ignored={k: v for k, v in common_ignored.items() if k in source})
+    for network, ps in prefixes.items():
+        part = {k: v for k, v in source.items() if any(k.startswith(p) for p in ps)}
+        result.state_dicts[network], skipped = _convert_one(network, config, "ldm", part, common_ignored, origin, dtype)
+        result.sources[network] = origin
+        result.ignored.update(skipped)
+    return result
+
+
+def convert(src: str | Path, *, base: PaintByExampleConfig | None = None, dtype: torch.dtype | None = None) -> Converted:
+    """Either official layout -> our names. ``src``: a hub-layout folder, or an original-layout ``.ckpt``/``.safetensors``."""
+    path = Path(src)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return convert_hub_folder(path, dtype=dtype)
+    source = read_tensors(path)
+    if any(k.startswith("model.diffusion_model.") for k in source):
+        return convert_ldm_state_dict(source, origin=str(path), base=base, dtype=dtype)
+    if any(k.startswith(("down_blocks.", "encoder.down_blocks.", "model.vision_model.", "mapper.")) for k in source):
+        raise CheckpointError(f"{path}: a single component in diffusers layout; pass the whole hub folder instead")
+    raise CheckpointError(f"{path}: unknown layout (neither the hub folder nor the original model.ckpt layout); "
+                          f"first keys: {', '.join(sorted(source)[:3]) or 'none'}")
