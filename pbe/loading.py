@@ -70,3 +70,47 @@ def load(
         config, state_dicts = converted.config, converted.state_dicts
     networks = {name: build_network(name, config, state_dicts[name], dtype=dtype, device=device) for name in NETWORK_NAMES}
     return PaintByExampleNetworks(**networks, config=config)
+
+
+DEFAULT_REPO = "Fantasy-Studio/Paint-by-Example"
+# What a hub download fetches: the configs, and per network ONE weights file (safetensors preferred when present).
+HUB_CONFIG_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "image_encoder/config.json",
+                    "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json"]
+HUB_WEIGHT_FILES = {
+    "unet": ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"),
+    "vae": ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin"),
+    "image_encoder": ("image_encoder/model.safetensors", "image_encoder/pytorch_model.bin"),
+}
+
+
+def resolve_checkpoint(src: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A local path as-is; otherwise a hub repo id, downloaded into the Hugging Face cache (only the files needed).
+
+    With no network (or ``HF_HUB_OFFLINE=1``) a previously cached copy is used. Raises ``CheckpointError`` with what
+    to do when neither works. ``cache_dir`` overrides the Hugging Face cache folder (default: ``HF_HUB_CACHE``).
+    """
+    path = Path(src)
+    if path.exists():
+        return path
+    repo_id = str(src)
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        raise CheckpointError(f"{src}: no such file or folder (and not a hub repo id like {DEFAULT_REPO})")
+    import huggingface_hub  # only hub loading needs it
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    try:
+        files = set(huggingface_hub.list_repo_files(repo_id, revision=revision))  # network
+        wanted = [f for f in HUB_CONFIG_FILES if f in files]
+        wanted += [next((f for f in names if f in files), names[-1]) for names in HUB_WEIGHT_FILES.values()]
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=wanted,
+                                                       cache_dir=cache_dir))
+    except Exception as online_error:  # offline mode, no network, HTTP errors: all mean "try the cache"
+        try:  # offline, or the hub is unreachable: a cached snapshot will do
+            return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                                           cache_dir=cache_dir))
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            raise CheckpointError(
+                f"{repo_id}: cannot reach the Hugging Face hub and no cached copy was found "
+                f"({type(online_error).__name__}). Download the checkpoint elsewhere and point --checkpoint (or "
+                f"from_pretrained) at the local hub-layout folder, model.ckpt or a pbe .safetensors file"
+            ) from None

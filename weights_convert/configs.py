@@ -132,6 +132,9 @@ def config_from_ldm(shapes: dict[str, torch.Size], base: PaintByExampleConfig, *
             mapper_layers=_count(keys, r"cond_stage_model\.mapper\.resblocks\.(\d+)\."),
             embed_dim=shapes["proj_out.weight"][0],
         )
-    except (KeyError, ValueError) as err:
+    except KeyError as err:
         raise CheckpointError(f"{origin}: not a complete Paint by Example checkpoint (cannot find {err})") from None
+    except ValueError as err:  # the shapes contradict the head counts / groups taken from `base`
+        raise CheckpointError(f"{origin}: {err}; for a non-official structure pass its config "
+                              f"(pbe.load(..., config=...) or --config)") from None
     return PaintByExampleConfig(unet=unet, vae=vae, image_encoder=image_encoder)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AutoencoderConfig
-from .layers import Downsample, GroupNorm, ResBlock, Upsample
+from .layers import Downsample, GroupNorm, GroupNormSiLU, ResBlock, Upsample
 
 
 class DiagonalGaussian:
@@ -95,7 +95,7 @@ class Encoder(nn.Module):
             for i, width in enumerate(widths)
         )
         self.mid = MidBlock(widths[-1], groups=groups, eps=eps)
-        self.norm_out = GroupNorm(groups, widths[-1], eps=eps)
+        self.norm_out = GroupNormSiLU(groups, widths[-1], eps=eps)
         self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ class Encoder(nn.Module):
         for level in self.down:
             x = level(x)
         x = self.mid(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(self.norm_out(x))
 
 
 class Decoder(nn.Module):
@@ -121,14 +121,14 @@ class Decoder(nn.Module):
             )
             for i, width in enumerate(widths)
         )
-        self.norm_out = GroupNorm(groups, widths[-1], eps=eps)
+        self.norm_out = GroupNormSiLU(groups, widths[-1], eps=eps)
         self.conv_out = nn.Conv2d(widths[-1], config.image_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid(self.conv_in(z))
         for level in self.up:
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(self.norm_out(x))
 
 
 class AutoencoderKL(nn.Module):

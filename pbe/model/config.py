@@ -34,8 +34,9 @@ class UNetConfig:
                 f"{len(self.channels)} levels; give one flag per level"
             )
         for width in self.channels:
-            if width % self.heads:
-                raise ValueError(f"UNetConfig: level width {width} is not divisible by heads={self.heads}")
+            if width % self.heads or width % self.norm_groups:
+                raise ValueError(f"UNetConfig: level width {width} is not divisible by heads={self.heads} "
+                                 f"and norm_groups={self.norm_groups}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class AutoencoderConfig:
     norm_groups: int = 32  # GroupNorm groups everywhere
     norm_eps: float = 1e-6  # GroupNorm epsilon everywhere
     scaling_factor: float = 0.18215  # latents are multiplied by this before the UNet sees them
+
+    def __post_init__(self) -> None:
+        for width in self.channels:
+            if width % self.norm_groups:
+                raise ValueError(f"AutoencoderConfig: level width {width} is not divisible by norm_groups={self.norm_groups}")
 
     @property
     def downscale(self) -> int:
@@ -63,6 +69,11 @@ class CLIPVisionConfig:
     heads: int = 16  # attention heads
     mlp_dim: int = 4096  # hidden width of each MLP (quick-GELU)
     norm_eps: float = 1e-5  # LayerNorm epsilon
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads or self.image_size % self.patch_size:
+            raise ValueError(f"CLIPVisionConfig: width {self.width} must be divisible by heads={self.heads} and "
+                             f"image_size {self.image_size} by patch_size={self.patch_size}")
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,20 @@ from torch import nn
 class GroupNorm(nn.GroupNorm):
     """GroupNorm that normalises in float32 and returns the input's dtype."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+    def normalize_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return super().forward(x)
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize_fp32(x).to(x.dtype)
+
+
+class GroupNormSiLU(GroupNorm):
+    """GroupNorm followed by SiLU, both in float32: one rounding to a low-precision dtype instead of two."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.normalize_fp32(x)).to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -75,18 +83,18 @@ class ResBlock(nn.Module):
         self, in_channels: int, out_channels: int, *, groups: int, eps: float, time_dim: int | None = None
     ) -> None:
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = GroupNormSiLU(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_proj = nn.Linear(time_dim, out_channels) if time_dim else None
-        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = GroupNormSiLU(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x))
         if self.time_proj is not None:
             h = h + self.time_proj(F.silu(time_emb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h))
         return self.skip(x) + h
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .layers import Attention, Downsample, GroupNorm, LayerNorm, ResBlock, Upsample, timestep_embedding
+from .layers import Attention, Downsample, GroupNorm, GroupNormSiLU, LayerNorm, ResBlock, Upsample, timestep_embedding
 
 
 class GEGLU(nn.Module):
@@ -123,7 +123,7 @@ class UNet(nn.Module):
             upsample = Upsample(width) if i > 0 else None
             self.up.append(Level(in_widths, width, config=config, attention=config.cross_attention[i], resample=upsample))
 
-        self.norm_out = GroupNorm(config.norm_groups, widths[0], eps=config.norm_eps)
+        self.norm_out = GroupNormSiLU(config.norm_groups, widths[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
@@ -153,4 +153,4 @@ class UNet(nn.Module):
             if level.resample is not None:
                 x = level.resample(x, size=skips[-1].shape[-2:])
 
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(self.norm_out(x))

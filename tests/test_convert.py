@@ -1,0 +1,220 @@
+"""weights_convert: the checked key mapping, its error messages, and the `python -m weights_convert` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import pbe
+from pbe.checkpoint import CheckpointError, config_to_json, is_native, read_native
+from weights_convert.__main__ import main as convert_main
+from weights_convert.convert import convert
+from weights_convert.readers import read_tensors
+
+from conftest import HUB, HUB_SMALL, ORIGINAL_CKPT, ldm_base_config
+
+
+@pytest.fixture(scope="module")
+def original_tensors(original_safetensors) -> dict[str, torch.Tensor]:
+    return load_file(original_safetensors)
+
+
+def _write(tmp_path, tensors, name="model.safetensors"):
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return path
+
+
+def test_every_source_tensor_is_mapped_or_ignored_on_purpose(original_tensors) -> None:
+    converted = convert(ORIGINAL_CKPT, base=ldm_base_config())
+    mapped = sum(len(sd) for sd in converted.state_dicts.values())
+    # Three of the mapped parameters per mapper block come from ONE fused q/k/v tensor.
+    fused = converted.config.image_encoder.mapper_layers * 2 * 2  # (q, k, v from one tensor) x (weight, bias)
+    assert mapped - fused + len(converted.ignored) == len(original_tensors)
+    assert all("DDPM" in why or "position" in why for why in converted.ignored.values())
+    assert "learnable_vector" not in converted.ignored  # the uncond token is copied, never re-initialised
+    torch.testing.assert_close(converted.state_dicts["image_encoder"]["uncond_embedding"],
+                               original_tensors["learnable_vector"], rtol=0, atol=0)
+
+
+def test_original_ckpt_loads_without_lightning_and_without_running_pickled_code() -> None:
+    assert "pytorch_lightning" not in sys.modules
+    tensors = read_tensors(ORIGINAL_CKPT)
+    assert "model.diffusion_model.input_blocks.0.0.weight" in tensors
+    assert all(isinstance(v, torch.Tensor) for v in tensors.values())
+    assert "pytorch_lightning" not in sys.modules
+
+
+def test_hub_and_original_layouts_give_identical_weights() -> None:
+    hub = convert(HUB)
+    original = convert(ORIGINAL_CKPT, base=ldm_base_config())
+    assert hub.config == original.config
+    for network, sd in hub.state_dicts.items():
+        assert sd.keys() == original.state_dicts[network].keys()
+        for key, tensor in sd.items():
+            assert torch.equal(tensor, original.state_dicts[network][key]), (network, key)
+
+
+def test_diffusers_mapper_depth_is_derived_from_the_clip_depth() -> None:
+    # Reference quirk kept: diffusers builds (num_hidden_layers + 1) // 5 mapper blocks.
+    assert convert(HUB).config.image_encoder.mapper_layers == 2  # 9 CLIP layers
+    assert convert(HUB_SMALL).config.image_encoder.mapper_layers == 1  # 4 CLIP layers
+    assert convert(HUB_SMALL).config.vae.downscale == 2  # two-level autoencoder
+
+
+# ---- bad sources: one clear error naming the file and the problem ----------------------------------------------------
+
+def test_missing_file(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no such file"):
+        pbe.load(tmp_path / "nope.ckpt")
+
+
+def test_truncated_files(tmp_path, original_safetensors) -> None:
+    data = ORIGINAL_CKPT.read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.ckpt"):
+        pbe.load(tmp_path / "cut.ckpt")
+    data = original_safetensors.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        pbe.load(tmp_path / "cut.safetensors")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.bin"):
+        pbe.load(tmp_path / "empty.bin")
+
+
+def test_unknown_layout(tmp_path) -> None:
+    path = _write(tmp_path, {"foo.weight": torch.zeros(2), "bar.bias": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="unknown layout.*bar.bias"):
+        pbe.load(path)
+
+
+def test_stable_diffusion_text_to_image_checkpoint_is_refused(tmp_path, original_tensors) -> None:
+    tensors = dict(original_tensors)
+    weight = tensors["model.diffusion_model.input_blocks.0.0.weight"]
+    tensors["model.diffusion_model.input_blocks.0.0.weight"] = weight[:, :4].clone()  # 4-channel UNet
+    with pytest.raises(CheckpointError, match="4 input channels.*text-to-image Stable Diffusion"):
+        pbe.load(_write(tmp_path, tensors), config=ldm_base_config())
+
+
+def test_text_encoder_keys_are_refused(tmp_path, original_tensors) -> None:
+    tensors = dict(original_tensors)
+    tensors["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(10, 4)
+    with pytest.raises(CheckpointError, match="text-encoder keys"):
+        pbe.load(_write(tmp_path, tensors))
+
+
+def test_stable_diffusion_hub_folder_is_refused(tmp_path) -> None:
+    folder = tmp_path / "sd"
+    (folder / "text_encoder").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="Stable Diffusion folder"):
+        pbe.load(folder)
+
+
+def test_missing_keys_are_listed_with_their_count(tmp_path, original_tensors) -> None:
+    tensors = {k: v for k, v in original_tensors.items() if ".transformer_blocks.0.attn1.to_q." not in k}
+    with pytest.raises(CheckpointError, match=r"missing keys: \d+ \(model\.diffusion_model\.[^)]*attn1\.to_q"):
+        pbe.load(_write(tmp_path, tensors), config=ldm_base_config())
+
+
+@pytest.mark.parametrize("extra", [{"model_ema.decay": torch.tensor(0.999), "model_ema.num_updates": torch.tensor(3)},
+                                   {"model.diffusion_model.extra.weight": torch.zeros(3),
+                                    "first_stage_model.loss.logvar": torch.zeros(())}])
+def test_unexpected_keys_are_refused(tmp_path, original_tensors, extra) -> None:
+    tensors = dict(original_tensors, **extra)
+    names = ", ".join(sorted(extra)) if "model_ema.decay" in extra else "model.diffusion_model.extra.weight"
+    with pytest.raises(CheckpointError, match=rf"unexpected keys.*: \d \({names}\)"):
+        pbe.load(_write(tmp_path, tensors), config=ldm_base_config())
+
+
+def test_shape_mismatch_is_reported(tmp_path, original_tensors) -> None:
+    tensors = dict(original_tensors)
+    key = "cond_stage_model.mapper.resblocks.0.attn.c_proj.weight"
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+    with pytest.raises(CheckpointError, match=rf"shape mismatches: {key}: expected \[32, 32\], found \[32, 33\]"):
+        pbe.load(_write(tmp_path, tensors), config=ldm_base_config())
+
+
+def test_hub_folder_missing_weights_or_config(tmp_path) -> None:
+    folder = tmp_path / "hub"
+    shutil.copytree(HUB, folder)
+    (folder / "vae" / "diffusion_pytorch_model.bin").unlink()
+    with pytest.raises(CheckpointError, match="vae: no weights file"):
+        pbe.load(folder)
+    (folder / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unet/config.json: not valid JSON"):
+        pbe.load(folder)
+
+
+def test_unsupported_config_value_is_named(tmp_path) -> None:
+    folder = tmp_path / "hub"
+    shutil.copytree(HUB, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["use_linear_projection"] = True
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="use_linear_projection=True is not supported"):
+        pbe.load(folder)
+
+
+# ---- the command ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_command_converts_the_original_layout_and_reports(tmp_path, capsys, dtype) -> None:
+    out = tmp_path / "pbe.safetensors"
+    assert convert_main([str(HUB), str(out), "--dtype", dtype]) == 0
+    report = capsys.readouterr().out
+    assert "unet" in report and "vae" in report and "image_encoder" in report
+    assert "ignored on purpose: 1 tensors" in report and "position index" in report
+    assert is_native(out)
+    config, state_dicts = read_native(out)
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert all(t.dtype == want for sd in state_dicts.values() for t in sd.values())
+    assert config == convert(HUB).config
+    assert [p.name for p in tmp_path.iterdir()] == ["pbe.safetensors"]  # no temporary file left
+
+
+def test_command_converts_the_original_checkpoint_with_a_config_for_its_structure(tmp_path, capsys) -> None:
+    # The original layout cannot reveal head counts or GroupNorm groups. Without --config the official values are
+    # assumed, which the tiny stand-in's widths contradict: a clear error, not a torch traceback.
+    out = tmp_path / "pbe.safetensors"
+    assert convert_main([str(ORIGINAL_CKPT), str(out)]) == 1
+    assert "not divisible by" in capsys.readouterr().err and not out.exists()
+    config = tmp_path / "config.json"
+    config.write_text(config_to_json(ldm_base_config()))
+    assert convert_main([str(ORIGINAL_CKPT), str(out), "--config", str(config)]) == 0
+    report = capsys.readouterr().out
+    assert "layout: ldm" in report and "DDPM training schedule buffer" in report
+    assert read_native(out)[0] == convert(HUB).config
+
+
+def test_command_fails_cleanly_and_leaves_nothing(tmp_path, capsys) -> None:
+    bad = _write(tmp_path, {"foo": torch.zeros(1)}, "bad.safetensors")
+    out = tmp_path / "out.safetensors"
+    assert convert_main([str(bad), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.safetensors" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+
+
+def test_command_never_overwrites_its_input(tmp_path, capsys) -> None:
+    native = tmp_path / "native.safetensors"
+    assert convert_main([str(HUB), str(native)]) == 0
+    before = native.read_bytes()
+    assert convert_main([str(native), str(native)]) == 1
+    assert "refusing to overwrite the input" in capsys.readouterr().err
+    assert native.read_bytes() == before
+
+
+def test_command_runs_as_a_module(tmp_path) -> None:
+    out = tmp_path / "x.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "weights_convert", str(HUB_SMALL), str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and out.is_file()
+    proc = subprocess.run([sys.executable, "-m", "weights_convert", str(tmp_path / "missing"), str(out)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
