@@ -44,8 +44,9 @@ class SelfAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        # (B, C, H, W) -> (B, 1, H*W, C): one head
-        tokens = self.norm(x).flatten(2).transpose(1, 2)[:, None]
+        # (B, C, H, W) -> (B, 1, H*W, C): one head. Normalising the flattened (B, C, H*W) view, as diffusers does,
+        # keeps its memory layout and so its GroupNorm kernel (bit-identical results for channels-last inputs).
+        tokens = self.norm(x.flatten(2)).transpose(1, 2)[:, None]
         out = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
         # (B, 1, H*W, C) -> (B, C, H, W)
         out = self.to_out(out[:, 0]).transpose(1, 2).reshape(b, c, h, w)
