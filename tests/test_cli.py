@@ -1,0 +1,241 @@
+"""The ``pbe`` command, on the tiny stand-in checkpoint.
+
+A few runs go through real subprocesses (``python -m pbe`` and the installed ``pbe`` console script) to see exit
+statuses, stderr and the absence of tracebacks as a user does; the rest call ``pbe.cli.main`` in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import pbe.cli
+from pbe.cli import main
+
+from conftest import HUB
+
+WIDTH, HEIGHT = 48, 40
+CONSOLE_SCRIPT = Path(sys.executable).with_name("pbe")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny networks gain nothing from threads, and on a small shared machine test runs side by side stall each
+    other's thread pools (tenfold slowdowns); the setting is restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory) -> Path:
+    """A private copy of the hub-layout stand-in (the shared fixture may be regenerated while tests run)."""
+    return Path(shutil.copytree(HUB, tmp_path_factory.mktemp("checkpoint") / "hub"))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """A 48x40 image, its mask (white rectangle = repaint) and a 30x26 example image."""
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8))
+    mask = Image.new("L", (WIDTH, HEIGHT), 0)
+    ImageDraw.Draw(mask).rectangle([(16, 8), (39, 31)], fill=255)
+    example = Image.new("RGB", (30, 26), (200, 30, 30))
+    paths = {"image": folder / "image.png", "mask": folder / "mask.png", "example": folder / "example.png"}
+    for name, picture in (("image", image), ("mask", mask), ("example", example)):
+        picture.save(paths[name])
+    return paths
+
+
+def paint_args(inputs: dict[str, Path], out: Path, checkpoint: Path | str, *extra: str) -> list[str]:
+    return ["paint", "--image", str(inputs["image"]), "--mask", str(inputs["mask"]), "--example", str(inputs["example"]),
+            "-o", str(out), "--checkpoint", str(checkpoint), "--steps", "2", *extra]
+
+
+def run_pbe(args: list[str], *, console_script: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
+    command = [str(CONSOLE_SCRIPT)] if console_script else [sys.executable, "-m", "pbe"]
+    # One thread, as in-process (see `one_thread`), unless the caller chose otherwise.
+    environment = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run(command + args, capture_output=True, text=True, env=environment, timeout=120)
+
+
+def assert_one_error_line(stderr: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr
+    assert lines[-1].startswith("error: "), stderr
+    assert sum(line.startswith("error: ") for line in lines) == 1, stderr
+
+
+def folder_files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# ---- through a subprocess ----------------------------------------------------------------------------------------------
+
+
+def test_paint_writes_the_image_prints_how_to_repeat_and_a_progress_bar(tmp_path, hub, inputs) -> None:
+    out = tmp_path / "painted.png"
+    proc = run_pbe(paint_args(inputs, out, hub, "--seed", "1234"))
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out) as painted:
+        assert painted.format == "PNG" and painted.size == (WIDTH, HEIGHT) and painted.mode == "RGB"
+    assert folder_files(tmp_path) == {"painted.png"}  # no temporary file left behind
+    repeat = next(line for line in proc.stderr.splitlines() if line.startswith("to repeat this run: "))
+    for flag in ("--seed 1234", "--steps 2", "--guidance 5.0", "--scheduler pndm", "--dtype fp32", "--device cpu",
+                 "--num-images 1", f"--checkpoint {hub}"):
+        assert flag in repeat
+    assert "denoising" in proc.stderr and "100%" in proc.stderr  # tqdm's bar, on stderr
+    assert proc.stdout == ""
+
+    # The console script, same seed: the same bytes.
+    again = tmp_path / "again.png"
+    proc = run_pbe(paint_args(inputs, again, hub, "--seed", "1234"), console_script=True)
+    assert proc.returncode == 0, proc.stderr
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_hub_repo_id_from_an_on_disk_cache(tmp_path, hub, inputs) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--tiny"
+    shutil.copytree(hub, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = tmp_path / "out.png"
+    proc = run_pbe(paint_args(inputs, out, "someone/tiny"), HF_HUB_CACHE=str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (WIDTH, HEIGHT)
+
+
+def test_unreachable_hub_says_how_to_use_a_local_copy(tmp_path, inputs) -> None:
+    out = tmp_path / "out.png"
+    (tmp_path / "empty-cache").mkdir()
+    proc = run_pbe(paint_args(inputs, out, "someone/not-cached"), HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    assert proc.returncode == 1
+    assert_one_error_line(proc.stderr)
+    assert "someone/not-cached" in proc.stderr and "point --checkpoint" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("console_script", [False, True], ids=["python -m pbe", "pbe"])
+def test_missing_input_file_is_one_line_without_traceback(tmp_path, hub, inputs, console_script) -> None:
+    args = paint_args(inputs, tmp_path / "out.png", hub)
+    args[args.index("--image") + 1] = str(tmp_path / "no-such-image.png")
+    proc = run_pbe(args, console_script=console_script)
+    assert proc.returncode == 1
+    assert_one_error_line(proc.stderr)
+    assert "--image" in proc.stderr and "no-such-image.png" in proc.stderr
+    assert folder_files(tmp_path) == set()
+
+
+def test_convert(tmp_path, hub, inputs, capsys) -> None:
+    native = tmp_path / "tiny.safetensors"
+    proc = run_pbe(["convert", str(hub), str(native)], console_script=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {native}" in proc.stdout and native.is_file()
+    # The converted file paints like the folder it came from.
+    assert main(paint_args(inputs, tmp_path / "a.png", hub, "--seed", "5")) == 0
+    assert main(paint_args(inputs, tmp_path / "b.png", native, "--seed", "5")) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+# ---- in-process --------------------------------------------------------------------------------------------------------
+
+
+def test_num_images_writes_numbered_files(tmp_path, hub, inputs, capsys) -> None:
+    assert main(paint_args(inputs, tmp_path / "out.png", hub, "--num-images", "2", "--seed", "3")) == 0
+    assert folder_files(tmp_path) == {"out-0.png", "out-1.png"}
+    first, second = (np.asarray(Image.open(tmp_path / f"out-{i}.png")) for i in range(2))
+    assert first.shape == second.shape == (HEIGHT, WIDTH, 3)
+    assert not np.array_equal(first, second)  # two different noise draws
+    assert "--num-images 2" in capsys.readouterr().err
+
+
+def test_keep_unmasked_keeps_the_pixels_outside_the_mask(tmp_path, hub, inputs, capsys) -> None:
+    out = tmp_path / "out.png"
+    assert main(paint_args(inputs, out, hub, "--keep-unmasked", "--seed", "0")) == 0
+    painted, original = np.asarray(Image.open(out)), np.asarray(Image.open(inputs["image"]))
+    keep = np.asarray(Image.open(inputs["mask"])) < 128
+    assert np.array_equal(painted[keep], original[keep])
+    assert not np.array_equal(painted[~keep], original[~keep])
+    assert "--keep-unmasked --mask-blur 0.0" in capsys.readouterr().err
+
+
+def test_the_printed_command_repeats_a_run_with_a_fresh_seed(tmp_path, hub, inputs, capsys) -> None:
+    assert main(paint_args(inputs, tmp_path / "first.png", hub, "--scheduler", "ddim", "--guidance", "2.5")) == 0
+    repeat = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("to repeat this run: "))
+    command = shlex.split(repeat.removeprefix("to repeat this run: "))
+    assert command[:2] == ["pbe", "paint"] and command[command.index("--seed") + 1].isdigit()
+    assert main(command[1:] + ["-o", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "first.png").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "message"),
+    [
+        (["--steps", "0"], 2, "--steps: expected a positive integer"),
+        (["--num-images", "0"], 2, "--num-images: expected a positive integer"),
+        (["--guidance", "nan"], 2, "--guidance: expected a finite number"),
+        (["--seed", "-1"], 2, "--seed: expected an integer"),
+        (["--mask-blur", "2"], 2, "--mask-blur only applies with --keep-unmasked"),
+        (["-o", "{tmp}/out.gif"], 2, "expected a file name ending in .png"),
+        (["--device", "gpu"], 2, "--device gpu: expected cpu, cuda"),
+        (["--mask", "{example}"], 1, "must be the same size"),
+        (["--mask", "{tmp}/not-an-image.png"], 1, "--mask: cannot read image file"),
+        (["--example", "{tmp}/missing.png"], 1, "--example: image file not found"),
+        (["--checkpoint", "{tmp}/missing.ckpt"], 1, "no such file or folder"),
+    ],
+)
+def test_bad_arguments_are_one_error_line(tmp_path, hub, inputs, capsys, extra, status, message) -> None:
+    (tmp_path / "not-an-image.png").write_text("not a PNG")
+    extra = [arg.format(tmp=tmp_path, example=inputs["example"]) for arg in extra]  # argparse: the last one wins
+    assert main(paint_args(inputs, tmp_path / "out.png", hub, *extra)) == status
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert message in err
+    assert folder_files(tmp_path) == {"not-an-image.png"}
+
+
+def test_cuda_without_cuda(tmp_path, hub, inputs, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(pbe.cli.torch.cuda, "is_available", lambda: False)
+    assert main(paint_args(inputs, tmp_path / "out.png", hub, "--device", "cuda")) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "no CUDA device" in err
+
+
+def test_fp16_on_a_cpu_without_fp16_kernels_is_refused(tmp_path, hub, inputs, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(pbe.cli, "_cpu_has_fast_fp16", lambda: False)
+    assert main(paint_args(inputs, tmp_path / "out.png", hub, "--dtype", "fp16")) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "use --dtype bf16 or fp32" in err
+
+
+def test_argparse_errors_exit_2(tmp_path, hub, inputs, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(paint_args(inputs, tmp_path / "out.png", hub, "--scheduler", "euler"))
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
+    def half_write(self, fp, format=None, **params):  # noqa: A002 -- Pillow's own parameter name
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half_write)
+    out = tmp_path / "out.png"
+    with pytest.raises(OSError, match="No space left"):
+        pbe.cli._save_atomically(Image.new("RGB", (8, 8)), out)
+    assert folder_files(tmp_path) == set()
