@@ -1,8 +1,11 @@
 """Each network, loaded through each checkpoint layout, reproduces diffusers' reference outputs.
 
 References: tests/fixtures/reference.safetensors, written by scripts/make_reference_tensors.py with diffusers and
-transformers (never pbe). float32 must agree to 1e-5 relative to the output's scale; bfloat16 (8 significant bits,
-relative rounding 2^-9 per op, accumulated over dozens of layers) to 2e-2.
+transformers (never pbe). float32 must agree to 1e-5 relative to the output's scale (in practice pbe is
+bit-identical). bfloat16 keeps 8 significant bits: each op rounds by up to 2^-9 relative and dozens of layers
+accumulate that, so bfloat16 must agree with the float32 reference to 2e-2 -- except where the REFERENCE ITSELF, run
+in bfloat16 on the same inputs (the ``*_bf16`` fixtures), strays further on these tiny random networks: there pbe may
+stray at most 1.25x as far as diffusers does (unet4 case b: diffusers' own bfloat16 error is 4.1e-2).
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ from weights_convert.convert import convert
 from conftest import HUB, HUB_SMALL, ORIGINAL_CKPT, ldm_base_config, relative_error
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _check(ours: torch.Tensor, reference: dict, key: str, dtype: torch.dtype, what: tuple) -> None:
+    tol = TOLERANCE[dtype]
+    if dtype == torch.bfloat16:
+        tol = max(tol, 1.25 * relative_error(reference[f"{key}_bf16"], reference[key]))
+    assert ours.dtype == dtype
+    assert relative_error(ours, reference[key]) <= tol, what
 
 
 def _bin_to_safetensors(folder, names):
@@ -71,7 +82,6 @@ LAYOUTS = ["hub", "hub_small", "hub_safetensors", "hub_transformers5", "original
 def test_networks_match_reference(layouts, reference, layout: str, dtype: torch.dtype) -> None:
     src, (unet_name, vae_name, encoder_name), kwargs = layouts[layout]
     nets = pbe.load(src, dtype=dtype, **kwargs)
-    tol = TOLERANCE[dtype]
 
     cases = sorted({k.split(".")[1] for k in reference if k.startswith(f"{unet_name}.")})
     assert cases, unet_name
@@ -79,23 +89,19 @@ def test_networks_match_reference(layouts, reference, layout: str, dtype: torch.
         r = lambda name: reference[f"{unet_name}.{case}.{name}"]  # noqa: E731
         timestep = r("timestep") if r("timestep").ndim else int(r("timestep"))
         out = nets.unet(r("sample").to(dtype), timestep, r("context").to(dtype))
-        assert out.dtype == dtype
-        assert relative_error(out, r("out")) <= tol, (layout, case)
+        _check(out, reference, f"{unet_name}.{case}.out", dtype, (layout, case))
 
-    r = lambda name: reference[f"{vae_name}.{name}"]  # noqa: E731
-    posterior = nets.vae.encode(r("x").to(dtype))
+    posterior = nets.vae.encode(reference[f"{vae_name}.x"].to(dtype))
     for name in ("mean", "logvar", "std"):
-        assert relative_error(getattr(posterior, name), r(name)) <= tol, (layout, name)
+        _check(getattr(posterior, name), reference, f"{vae_name}.{name}", dtype, (layout, name))
     if dtype == torch.float32:  # the noise is drawn in the latent's dtype, so only float32 draws the reference's numbers
-        sample = posterior.sample(torch.Generator().manual_seed(int(r("sample_seed"))))
-        assert relative_error(sample, r("sample")) <= tol, layout
-    decoded = nets.vae.decode(r("z").to(dtype))
-    assert decoded.dtype == dtype
-    assert relative_error(decoded, r("decoded")) <= tol, layout
+        sample = posterior.sample(torch.Generator().manual_seed(int(reference[f"{vae_name}.sample_seed"])))
+        _check(sample, reference, f"{vae_name}.sample", dtype, layout)
+    _check(nets.vae.decode(reference[f"{vae_name}.z"].to(dtype)), reference, f"{vae_name}.decoded", dtype, layout)
 
-    r = lambda name: reference[f"{encoder_name}.{name}"]  # noqa: E731
-    assert relative_error(nets.image_encoder(r("pixel_values").to(dtype)), r("out")) <= tol, layout
-    assert relative_error(nets.image_encoder.uncond_embedding, r("uncond")) <= tol, layout
+    out = nets.image_encoder(reference[f"{encoder_name}.pixel_values"].to(dtype))
+    _check(out, reference, f"{encoder_name}.out", dtype, layout)
+    assert relative_error(nets.image_encoder.uncond_embedding, reference[f"{encoder_name}.uncond"]) <= TOLERANCE[dtype]
 
 
 @torch.no_grad()
