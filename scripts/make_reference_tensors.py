@@ -75,8 +75,8 @@ from diffusers.pipelines.deprecated.paint_by_example.image_encoder import PaintB
 from transformers import CLIPImageProcessor, CLIPVisionConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The UNet/VAE name table (diffusers key -> original LDM key) shipped with the project's shared notes.
-TABLE_CANDIDATES = (REPO_ROOT / "shared" / "ldm_to_diffusers_unet_vae.tsv",
+# The UNet/VAE name table (diffusers key -> original LDM key) of the project's shared notes, committed as a fixture.
+TABLE_CANDIDATES = (REPO_ROOT / "tests" / "fixtures" / "ldm_to_diffusers_unet_vae.tsv",
                     REPO_ROOT.parent / "shared" / "ldm_to_diffusers_unet_vae.tsv")
 
 Tensors = dict[str, torch.Tensor]

@@ -92,10 +92,7 @@ def test_original_layout_converts_to_live_components(script: ModuleType, compone
 
 
 def test_original_layout_matches_the_shared_table(script: ModuleType, components: dict) -> None:
-    try:  # <repo>/shared/ or, in CI's clean clone, ../shared/ beside the repository
-        table = script.read_table(script.find_table(None))
-    except FileNotFoundError:
-        pytest.skip("ldm_to_diffusers_unet_vae.tsv is not beside the repository")
+    table = script.read_table(FIXTURES / "ldm_to_diffusers_unet_vae.tsv")  # committed copy of the shared table
     unet, vae, encoder = (components[name] for name in script.HUB_FOLDERS["hub"])
     script.assert_exact(script.load_original_ckpt(FIXTURES / "original" / "model.ckpt"),
                         script.original_state_dict(unet, vae, encoder, table), "original/model.ckpt vs the table")
