@@ -91,7 +91,8 @@ def test_one_example_serves_a_batch_and_n_images_per_image(pipe) -> None:
     example = _picture(30, 30, 9)
     repeated = pipe([example, example], images, masks, num_inference_steps=2, progress=False, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images
-    np.testing.assert_array_equal(shared, repeated)
+    # Equal up to float32 rounding: encoding one example or two runs matrix products of different shapes.
+    np.testing.assert_allclose(shared, repeated, atol=1e-5)
 
 
 def test_callback_and_scheduler_choice(pipe) -> None:
