@@ -13,7 +13,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +20,7 @@ import torch
 
 from . import __version__, images
 from .checkpoint import CheckpointError
+from .files import write_atomically
 from .loading import DEFAULT_REPO
 from .pipeline import PaintByExample
 
@@ -139,18 +139,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 def _save_atomically(image: Image, path: Path) -> None:
     """Write to a temporary file in the destination folder, then rename: no half-written file under ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format=IMAGE_FORMATS[path.suffix.lower()])
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: image.save(tmp, format=IMAGE_FORMATS[path.suffix.lower()]))
 
 
 def _paint(args: argparse.Namespace) -> int:

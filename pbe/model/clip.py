@@ -11,37 +11,12 @@ import torch
 from torch import nn
 
 from .config import CLIPVisionConfig
-from .layers import Attention, LayerNorm
+from .layers import LayerNorm, TransformerLayer
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)."""
     return x * torch.sigmoid(1.702 * x)
-
-
-class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(quick_gelu(self.fc1(x)))
-
-
-class EncoderLayer(nn.Module):
-    """Pre-LN transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, config: CLIPVisionConfig) -> None:
-        super().__init__()
-        self.norm1 = LayerNorm(config.width, eps=config.norm_eps)
-        self.attn = Attention(config.width, config.heads, qkv_bias=True)
-        self.norm2 = LayerNorm(config.width, eps=config.norm_eps)
-        self.mlp = MLP(config.width, config.mlp_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
 
 
 class CLIPVisionTower(nn.Module):
@@ -55,7 +30,11 @@ class CLIPVisionTower(nn.Module):
         self.class_embed = nn.Parameter(torch.zeros(config.width))
         self.position_embed = nn.Parameter(torch.zeros(num_patches + 1, config.width))
         self.pre_norm = LayerNorm(config.width, eps=config.norm_eps)
-        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
+        self.layers = nn.ModuleList(
+            TransformerLayer(config.width, heads=config.heads, mlp_dim=config.mlp_dim, activation=quick_gelu,
+                             eps=config.norm_eps)
+            for _ in range(config.layers)
+        )
         self.post_norm = LayerNorm(config.width, eps=config.norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

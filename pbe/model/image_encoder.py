@@ -14,32 +14,7 @@ from torch import nn
 
 from .clip import CLIPVisionTower
 from .config import ImageEncoderConfig
-from .layers import Attention, LayerNorm
-
-
-class MapperMLP(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, 4 * width)
-        self.fc2 = nn.Linear(4 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, unlike CLIP's quick-GELU
-
-
-class MapperBlock(nn.Module):
-    """Pre-LN transformer block with one attention head and biases everywhere."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.norm1 = LayerNorm(width)
-        self.attn = Attention(width, heads=1, qkv_bias=True)
-        self.norm2 = LayerNorm(width)
-        self.mlp = MapperMLP(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+from .layers import LayerNorm, TransformerLayer
 
 
 class ImageEncoder(nn.Module):
@@ -50,7 +25,11 @@ class ImageEncoder(nn.Module):
         self.config = config
         width = config.clip.width
         self.clip = CLIPVisionTower(config.clip)
-        self.mapper = nn.ModuleList(MapperBlock(width) for _ in range(config.mapper_layers))
+        # Single-head blocks with exact (erf) GELU, unlike CLIP's quick-GELU.
+        self.mapper = nn.ModuleList(
+            TransformerLayer(width, heads=1, mlp_dim=4 * width, activation=F.gelu, eps=1e-5)
+            for _ in range(config.mapper_layers)
+        )
         self.final_norm = LayerNorm(width)
         self.proj = nn.Linear(width, config.embed_dim)
         self.uncond_embedding = nn.Parameter(torch.zeros(1, 1, config.embed_dim))

@@ -7,6 +7,7 @@ bfloat16 values loses most of its bits otherwise. Everything else runs in the we
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,36 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         # (B, heads, N, d) -> (B, N, heads * d)
         return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class MLP(nn.Module):
+    """fc2(activation(fc1(x)))."""
+
+    def __init__(self, width: int, hidden: int, activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.activation = activation
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN transformer layer with biases everywhere: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(
+        self, width: int, *, heads: int, mlp_dim: int, activation: Callable[[torch.Tensor], torch.Tensor], eps: float
+    ) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads, qkv_bias=True)
+        self.norm2 = LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class ResBlock(nn.Module):
