@@ -49,10 +49,17 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x))
-        # (B, C, H, W) -> (B, H*W, C)
-        tokens = tokens.flatten(2).transpose(1, 2)
+        # (B, C, H, W) -> (B, H*W, C), copied to a contiguous layout (the matrix products then run as diffusers')
+        tokens = tokens.permute(0, 2, 3, 1).reshape(b, h * w, c)
         tokens = tokens + self.self_attn(self.self_attn_norm(tokens))
-        tokens = tokens + self.cross_attn(self.cross_attn_norm(tokens), context)
+        if context.shape[1] == 1:
+            # Softmax over ONE key is exactly 1: every position receives that key's value, whatever its query.
+            # Paint by Example's context is one token, so the queries, scores and the norm feeding them are skipped.
+            # (to_out runs on every row, as in diffusers, so the rounding stays identical.)
+            value = self.cross_attn.to_v(context).expand(-1, tokens.shape[1], -1)
+            tokens = tokens + self.cross_attn.to_out(value)
+        else:
+            tokens = tokens + self.cross_attn(self.cross_attn_norm(tokens), context)
         tokens = tokens + self.ff(self.ff_norm(tokens))
         # (B, H*W, C) -> (B, C, H, W)
         tokens = tokens.transpose(1, 2).reshape(b, c, h, w)
