@@ -67,15 +67,44 @@ def save_native(
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _mapped_tensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a safetensors file, the tensors being views of ONE private memory map of it.
+
+    Nothing is read until a tensor is used (the OS pages it in), and no copy is made: loading costs no time and no
+    memory beyond the pages touched. The map is copy-on-write, so writing to a tensor never changes the file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    metadata = header.pop("__metadata__", {}) or {}
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    data_start = 8 + header_len
+    tensors = {}
+    for key, info in header.items():
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        flat = torch.empty(0, dtype=torch.uint8).set_(storage, data_start + begin, (end - begin,))
+        tensors[key] = flat.view(dtype).view(info["shape"])
+    return metadata, tensors
+
+
 def read_native(path: str | Path) -> tuple[PaintByExampleConfig, dict[str, dict[str, torch.Tensor]]]:
     """Configs and per-network state dicts of a native checkpoint; tensors are memory-mapped views of the file."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: not a pbe native checkpoint")
-        config = config_from_json(metadata["config"])
-        state_dicts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in NETWORK_NAMES}
-        for key in f.keys():
-            network, _, name = key.partition(".")
-            state_dicts[network][name] = f.get_tensor(key)
+    path = Path(path)
+    try:
+        metadata, tensors = _mapped_tensors(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a readable pbe native checkpoint ({err})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a pbe native checkpoint")
+    config = config_from_json(metadata["config"])
+    state_dicts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in NETWORK_NAMES}
+    for key, tensor in tensors.items():
+        network, _, name = key.partition(".")
+        state_dicts[network][name] = tensor
     return config, state_dicts

@@ -116,3 +116,27 @@ def test_from_pretrained_through_the_hub_cache_in_a_fresh_process(tmp_path) -> N
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == "PNDMScheduler"
+
+
+def test_native_load_in_the_file_dtype_is_a_zero_copy_memory_map(tmp_path) -> None:
+    converted = convert(HUB_SMALL)
+    path = tmp_path / "pbe.safetensors"
+    save_native(converted.state_dicts, converted.config, path, dtype=torch.bfloat16)
+    before = path.read_bytes()
+    nets = pbe.load(path, dtype=torch.bfloat16)
+    storages = {p.untyped_storage().data_ptr() for net in (nets.unet, nets.vae, nets.image_encoder) for p in net.parameters()}
+    assert len(storages) == 1  # every parameter is a view of the one mapping: nothing was copied
+    with torch.no_grad():
+        nets.unet.conv_in.weight.add_(1.0)  # the mapping is private (copy-on-write): the file never changes
+    assert path.read_bytes() == before
+    assert pbe.load(path, dtype=torch.float32).unet.conv_in.weight.dtype == torch.float32  # other dtypes: one cast
+
+
+def test_truncated_native_file_is_a_clear_error(tmp_path) -> None:
+    converted = convert(HUB_SMALL)
+    path = tmp_path / "pbe.safetensors"
+    save_native(converted.state_dicts, converted.config, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="pbe.safetensors"):
+        pbe.load(path)
