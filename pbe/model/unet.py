@@ -61,8 +61,9 @@ class SpatialTransformer(nn.Module):
         else:
             tokens = tokens + self.cross_attn(self.cross_attn_norm(tokens), context)
         tokens = tokens + self.ff(self.ff_norm(tokens))
-        # (B, H*W, C) -> (B, C, H, W)
-        tokens = tokens.transpose(1, 2).reshape(b, c, h, w)
+        # (B, H*W, C) -> (B, C, H, W), in the input's memory layout (free for a channels-last input)
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        tokens = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         return x + self.proj_out(tokens)
 
 
