@@ -165,7 +165,8 @@ class PaintByExample:
             latent_mask, masked_latents = torch.cat([latent_mask] * 2), torch.cat([masked_latents] * 2)
 
         # Denoise. The UNet sees [noisy latent, masked-image latent, keep mask] stacked along channels.
-        warmup = len(timesteps) - num_inference_steps * getattr(sched, "order", 1)
+        order = getattr(sched, "order", 1)  # diffusers' meaning: model evaluations per reported step
+        warmup = len(timesteps) - num_inference_steps * order
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = torch.cat([sched.scale_model_input(model_input, t), masked_latents, latent_mask], dim=1)
@@ -174,9 +175,9 @@ class PaintByExample:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
             latents = sched.step(eps, t, latents, eta=eta, generator=generator)
-            reported = i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % getattr(sched, "order", 1) == 0)
+            reported = i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0)
             if callback is not None and reported and i % callback_steps == 0:
-                callback(i // getattr(sched, "order", 1), int(t), latents)
+                callback(i // order, int(t), latents)
 
         if output_type == "latent":
             return PaintByExampleOutput(latents)
