@@ -161,15 +161,14 @@ class PaintByExample:
         latent_mask = F.interpolate(keep_mask, size=shape[-2:]).to(device, dtype)
         masked_latents = self.vae.encode(masked_pixels.to(device, dtype)).sample(generator) * self.vae.config.scaling_factor
         latent_mask, masked_latents = latent_mask.repeat(n, 1, 1, 1), masked_latents.repeat(n, 1, 1, 1)
-        if guided:
-            latent_mask, masked_latents = torch.cat([latent_mask] * 2), torch.cat([masked_latents] * 2)
 
         # Denoise. The UNet sees [noisy latent, masked-image latent, keep mask] stacked along channels.
         order = getattr(sched, "order", 1)  # diffusers' meaning: model evaluations per reported step
         warmup = len(timesteps) - num_inference_steps * order
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
-            model_input = torch.cat([latents] * 2) if guided else latents
-            model_input = torch.cat([sched.scale_model_input(model_input, t), masked_latents, latent_mask], dim=1)
+            # With guidance the context holds [unconditional, conditional] rows for the same sample: the UNet fans the
+            # sample out itself, after the layers the context cannot influence.
+            model_input = torch.cat([sched.scale_model_input(latents, t), masked_latents, latent_mask], dim=1)
             eps = self.unet(model_input, t, context)
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)

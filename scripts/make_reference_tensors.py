@@ -11,6 +11,7 @@ What it writes under ``--out`` (default ``tests/fixtures``):
   the int64 0-d ``*.sample_seed``), keys
 
   - ``{unet}.{case}.{sample,timestep,context,out}``: ``out = unet(sample, timestep, encoder_hidden_states=context)``;
+    guidance-layout cases also store ``{unet}.{case}.shared_sample``, the one sample that ``sample`` repeats;
     ``timestep`` is int64, 0-d where a python int was passed.
   - ``{vae}.{x,mean,logvar,std,sample,sample_seed,z,decoded}``: ``vae.encode(x).latent_dist`` gives ``mean``,
     ``logvar`` (clamped to [-30, 20] as diffusers' DiagonalGaussianDistribution does) and ``std = exp(logvar / 2)``;
@@ -175,6 +176,10 @@ UNET_CASES: dict[tuple[str, str], tuple[tuple[int, ...], int | list[int], tuple[
     ("unet4", "b"): ((2, 9, 9, 7), [1, 500], (2, 3, 24), 102),  # latent not divisible by 8, longer context
     ("unet4", "c"): ((1, 9, 8, 12), 21, (1, 1, 24), 103),
     ("unet2", "a"): ((2, 9, 8, 8), 500, (2, 1, 24), 104),
+    # Classifier-free guidance layout: one sample, contexts [unconditional, conditional]; diffusers gets the sample
+    # repeated to the context's batch (as its pipeline does), pbe may get it once.
+    ("unet4", "g"): ((1, 9, 8, 8), 981, (2, 1, 24), 105),
+    ("unet2", "g"): ((1, 9, 8, 8), 21, (2, 1, 24), 106),
 }
 # vae: (latent z shape for decode, input seed); x is always [2, 3, 32, 24] in [-1, 1].
 VAE_CASES = {"vae4": ((2, 4, 4, 3), 201), "vae2": ((2, 4, 16, 12), 202)}
@@ -189,9 +194,13 @@ def _unet_references(unet: nn.Module, name: str, case: str, spec: tuple) -> Tens
     sample = torch.randn(sample_shape, generator=generator)
     context = torch.randn(context_shape, generator=generator)
     t_arg = torch.tensor(timestep, dtype=torch.int64) if isinstance(timestep, list) else timestep
+    refs = {}
+    if context.shape[0] != sample.shape[0]:  # guidance layout: the sample is shared by the contexts
+        refs[f"{name}.{case}.shared_sample"] = sample
+        sample = sample.repeat(context.shape[0] // sample.shape[0], 1, 1, 1)
     out = unet(sample, t_arg, encoder_hidden_states=context).sample
-    return {f"{name}.{case}.sample": sample, f"{name}.{case}.timestep": torch.tensor(timestep, dtype=torch.int64),
-            f"{name}.{case}.context": context, f"{name}.{case}.out": out}
+    return refs | {f"{name}.{case}.sample": sample, f"{name}.{case}.timestep": torch.tensor(timestep, dtype=torch.int64),
+                   f"{name}.{case}.context": context, f"{name}.{case}.out": out}
 
 
 def _vae_references(vae: AutoencoderKL, name: str, z_shape: tuple[int, ...], seed: int) -> Tensors:

@@ -90,6 +90,10 @@ def test_networks_match_reference(layouts, reference, layout: str, dtype: torch.
         timestep = r("timestep") if r("timestep").ndim else int(r("timestep"))
         out = nets.unet(r("sample").to(dtype), timestep, r("context").to(dtype))
         _check(out, reference, f"{unet_name}.{case}.out", dtype, (layout, case))
+        if f"{unet_name}.{case}.shared_sample" in reference:
+            # Guidance layout: given the sample once, pbe fans it out itself and must give diffusers' result.
+            out = nets.unet(r("shared_sample").to(dtype), timestep, r("context").to(dtype))
+            _check(out, reference, f"{unet_name}.{case}.out", dtype, (layout, case, "shared"))
 
     posterior = nets.vae.encode(reference[f"{vae_name}.x"].to(dtype))
     for name in ("mean", "logvar", "std"):
@@ -102,6 +106,31 @@ def test_networks_match_reference(layouts, reference, layout: str, dtype: torch.
     out = nets.image_encoder(reference[f"{encoder_name}.pixel_values"].to(dtype))
     _check(out, reference, f"{encoder_name}.out", dtype, layout)
     assert relative_error(nets.image_encoder.uncond_embedding, reference[f"{encoder_name}.uncond"]) <= TOLERANCE[dtype]
+
+
+@torch.no_grad()
+def test_unet_shared_sample_gives_the_same_rows_as_a_repeated_one(reference) -> None:
+    """The fan-out point moves nothing: each row equals the call with the sample repeated.
+
+    Not bit for bit: oneDNN/MKL pick their blocking by batch size, so a batch-1 convolution may sum in another order
+    than a batch-3 one (measured 1.1e-6 relative after the whole network); the bound is the float32 parity bound.
+    """
+    for src, name in ((HUB, "unet4"), (HUB_SMALL, "unet2")):  # first cross-attention at level 1 / after a downsample
+        unet = pbe.load(src).unet
+        sample, context = reference[f"{name}.g.shared_sample"], reference[f"{name}.g.context"]
+        samples = torch.cat([sample, sample.flip(-1)])  # two samples ...
+        contexts = torch.cat([context, context.flip(0), context])  # ... and k = 3 contexts each: rows [s0, s1] x 3
+        shared = unet(samples, torch.tensor([5, 900]), contexts)
+        repeated = unet(samples.repeat(3, 1, 1, 1), torch.tensor([5, 900]).repeat(3), contexts)
+        assert shared.shape[0] == 6
+        assert relative_error(shared, repeated) <= TOLERANCE[torch.float32], name
+
+
+def test_unet_context_batch_must_be_a_multiple_of_the_sample_batch() -> None:
+    unet = pbe.load(HUB_SMALL).unet
+    context = torch.randn(3, 1, unet.config.context_dim)
+    with pytest.raises(ValueError, match=r"context: expected shape \[k \* 2, tokens, 24\].*got \[3, 1, 24\]"):
+        unet(torch.randn(2, 9, 8, 8), 5, context)
 
 
 @torch.no_grad()

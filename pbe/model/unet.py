@@ -18,6 +18,11 @@ from .config import UNetConfig
 from .layers import Attention, Downsample, GroupNorm, GroupNormSiLU, LayerNorm, ResBlock, Upsample, timestep_embedding
 
 
+def fan_out(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``x`` repeated along dim 0 to ``batch`` rows as [x, x, ...] (the batch layout of classifier-free guidance)."""
+    return x if x.shape[0] == batch else x.repeat(batch // x.shape[0], *[1] * (x.dim() - 1))
+
+
 class GEGLU(nn.Module):
     """Feed-forward with a gated GELU (Shazeer, arXiv 2002.05202): out(a * gelu(b)), where [a, b] = proj(x)."""
 
@@ -27,7 +32,12 @@ class GEGLU(nn.Module):
         self.out = nn.Linear(inner_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.proj(x).chunk(2, dim=-1)
+        # proj's two halves run as two products, so a and b each land contiguous and the elementwise work reads
+        # memory in order (the same sums as slicing one product's output, and a quarter faster at 64x64).
+        inner = self.out.in_features
+        weight, bias = self.proj.weight, self.proj.bias
+        a = F.linear(x, weight[:inner], bias[:inner])
+        b = F.linear(x, weight[inner:], bias[inner:])
         return self.out(a * F.gelu(b))
 
 
@@ -52,18 +62,21 @@ class SpatialTransformer(nn.Module):
         # (B, C, H, W) -> (B, H*W, C), copied to a contiguous layout (the matrix products then run as diffusers')
         tokens = tokens.permute(0, 2, 3, 1).reshape(b, h * w, c)
         tokens = tokens + self.self_attn(self.self_attn_norm(tokens))
+        if context.shape[0] != b:
+            # The sample is shared by several contexts (classifier-free guidance): everything so far was the same for
+            # each of them, and this is where they part. Fan out as [tokens, tokens, ...], context's batch layout.
+            tokens, x = fan_out(tokens, context.shape[0]), fan_out(x, context.shape[0])
         if context.shape[1] == 1:
             # Softmax over ONE key is exactly 1: every position receives that key's value, whatever its query.
-            # Paint by Example's context is one token, so the queries, scores and the norm feeding them are skipped.
-            # (to_out runs on every row, as in diffusers, so the rounding stays identical.)
-            value = self.cross_attn.to_v(context).expand(-1, tokens.shape[1], -1)
-            tokens = tokens + self.cross_attn.to_out(value)
+            # Paint by Example's context is one token, so the queries, scores and the norm feeding them are skipped,
+            # and the output projection runs once per image instead of once per position.
+            tokens = tokens + self.cross_attn.to_out(self.cross_attn.to_v(context))
         else:
             tokens = tokens + self.cross_attn(self.cross_attn_norm(tokens), context)
         tokens = tokens + self.ff(self.ff_norm(tokens))
         # (B, H*W, C) -> (B, C, H, W), in the input's memory layout (free for a channels-last input)
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        tokens = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+        tokens = tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         return x + self.proj_out(tokens)
 
 
@@ -87,7 +100,7 @@ class Level(nn.Module):
         self.resample = resample
 
     def block(self, i: int, x: torch.Tensor, time_emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.res[i](x, time_emb)
+        x = self.res[i](x, fan_out(time_emb, x.shape[0]))
         return self.attn[i](x, context) if self.attn is not None else x
 
 
@@ -135,7 +148,18 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        """``sample`` [B, 9, h, w], ``timestep`` (one, or one per sample), ``context`` [B, S, 768] -> noise [B, 4, h, w].
+
+        ``context`` may also hold k*B rows for k > 1 (classifier-free guidance: k = 2, unconditional rows first):
+        row j*B + i is then conditioned on context row j*B + i with sample i, and the output has k*B rows. The layers
+        before the first cross-attention, which the contexts cannot influence, run once per sample instead of k times.
+        """
         batch = sample.shape[0]
+        if context.dim() != 3 or context.shape[0] % batch:
+            raise ValueError(
+                f"context: expected shape [k * {batch}, tokens, {self.config.context_dim}] for a sample batch of "
+                f"{batch}, got {list(context.shape)}"
+            )
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
         time_emb = self.time_embed(timestep_embedding(timesteps, self.config.channels[0]).to(sample.dtype))
 
@@ -150,14 +174,15 @@ class UNet(nn.Module):
                 x = level.resample(x)
                 skips.append(x)
 
-        x = self.mid_res1(x, time_emb)
-        x = self.mid_attn(x, context)
+        x = self.mid_res1(x, fan_out(time_emb, x.shape[0]))
+        x = self.mid_attn(x, context)  # from here on, every feature map has the context's batch
+        time_emb = fan_out(time_emb, x.shape[0])
         x = self.mid_res2(x, time_emb)
 
         # Up: concatenate the matching skip before every res block; upsample to the size the way down had.
         for level in self.up:
             for i in range(len(level.res)):
-                x = level.block(i, torch.cat([x, skips.pop()], dim=1), time_emb, context)
+                x = level.block(i, torch.cat([x, fan_out(skips.pop(), x.shape[0])], dim=1), time_emb, context)
             if level.resample is not None:
                 x = level.resample(x, size=skips[-1].shape[-2:])
 
