@@ -9,8 +9,10 @@
 
 from .checkpoint import CheckpointError
 from .loading import PaintByExampleNetworks, load
+from .memory import reuse_freed_memory
 from .pipeline import PaintByExample, PaintByExampleOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "PaintByExample", "PaintByExampleNetworks", "PaintByExampleOutput", "__version__", "load"]
+__all__ = ["CheckpointError", "PaintByExample", "PaintByExampleNetworks", "PaintByExampleOutput", "__version__", "load",
+           "reuse_freed_memory"]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import images as imageio
 from .loading import PaintByExampleNetworks, load, resolve_checkpoint
+from .memory import reuse_freed_memory
 from .model import AutoencoderKL, ImageEncoder, UNet
 from .schedulers import Scheduler, make_scheduler
 
@@ -99,6 +100,7 @@ class PaintByExample:
         return torch.cat([uncond, cond])
 
     @torch.no_grad()
+    @reuse_freed_memory()
     def __call__(
         self,
         example_image: Any,

@@ -20,8 +20,11 @@ What one run does:
    matmul is not the fastest kernel, e.g. MKL's fp32 GEMM on AMD CPUs, convolution-heavy tasks can exceed 100%.)
 3. For every task and dtype runs pbe, then diffusers (alternating, so slow drift hits both), each measurement in a
    FRESH subprocess that loads only what its task needs, does one warm-up and ``--repeats`` timed runs (median
-   reported) on all the machine's cores. Tasks:
-     unet           one guided UNet call: latents [2, 9, 64, 64], context [2, 1, 768], t = 981
+   reported) on all the machine's cores. pbe's runs happen inside ``pbe.reuse_freed_memory()``, as in its
+   pipeline (diffusers has no such setting; ``MALLOC_MMAP_MAX_=0`` in the environment would give it the same). Tasks:
+     unet           one guided UNet call, t = 981, context [2, 1, 768] = [unconditional, conditional]: diffusers
+                    gets the latent repeated, [2, 9, 64, 64], as its pipeline passes it; pbe gets it once,
+                    [1, 9, 64, 64], as its pipeline passes it (pbe's UNet fans it out where the contexts first act)
      vae_encode     512x512 image [1, 3, 512, 512] -> a posterior sample (seeded)
      vae_decode     latent [1, 4, 64, 64] -> image
      image_encoder  pixels [1, 3, 224, 224] -> context [1, 1, 768]
@@ -49,6 +52,7 @@ the subprocess after the timed runs; a generation counts (UNet calls x one UNet 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.metadata
 import importlib.util
@@ -313,8 +317,8 @@ def task_inputs(task: str, geometry: dict, dtype: Any) -> dict[str, Any]:
 
     g = torch.Generator().manual_seed(SEED)
     side, latent, encoder_side = geometry["image_size"], geometry["latent_size"], geometry["encoder_image_size"]
-    if task == "unet":
-        x = {"sample": torch.randn(2, geometry["unet_in_channels"], latent, latent, generator=g),
+    if task == "unet":  # guided: one latent, contexts [unconditional, conditional]
+        x = {"sample": torch.randn(1, geometry["unet_in_channels"], latent, latent, generator=g),
              "context": torch.randn(2, 1, geometry["context_dim"], generator=g)}
     elif task == "vae_encode":
         x = {"pixels": torch.rand(1, 3, side, side, generator=g) * 2 - 1}
@@ -328,19 +332,26 @@ def task_inputs(task: str, geometry: dict, dtype: Any) -> dict[str, Any]:
 _FLOPS_SEEN: dict[str, int] = {}  # counting takes a while; --inline counts each network once
 
 
-def component_flops(component: str, build: Callable[[], Any], geometry: dict, *, key: str) -> int:
-    """FLOPs of one network call with the benchmark's shapes, on the meta device. ``build()`` makes the network;
-    ``key`` names it (library and config) for the memo."""
+def guided_unet_call(library: str, unet: Any, x: dict[str, Any]) -> Any:
+    """One guided UNet call as each library's pipeline makes it (diffusers repeats the latent, pbe does not)."""
+    if library == "pbe":
+        return unet(x["sample"], TIMESTEP, x["context"])
+    return unet(x["sample"].repeat(2, 1, 1, 1), TIMESTEP, encoder_hidden_states=x["context"]).sample
+
+
+def component_flops(library: str, component: str, build: Callable[[], Any], geometry: dict, *, key: str) -> int:
+    """FLOPs of one network call of ``library`` with the benchmark's shapes, on the meta device. ``build()`` makes
+    the network; ``key`` names it (library and config) for the memo."""
     import torch
 
-    key = json.dumps([component, key, geometry], sort_keys=True)
+    key = json.dumps([library, component, key, geometry], sort_keys=True)
     if key in _FLOPS_SEEN:
         return _FLOPS_SEEN[key]
     with torch.device("meta"):
         net = build()
         x = task_inputs(component, geometry, torch.float32)
         calls = {
-            "unet": lambda: net(x["sample"], TIMESTEP, x["context"]),
+            "unet": lambda: guided_unet_call(library, net, x),
             "vae_encode": lambda: net.encode(x["pixels"]),
             "vae_decode": lambda: net.decode(x["latent"]),
             "image_encoder": lambda: net(x["pixels"]),
@@ -356,8 +367,10 @@ def counting_calls(module: Any) -> list[int]:
     return calls
 
 
-def generation_flops(unet_calls: int, builders: dict[str, tuple[Callable[[], Any], str]], geometry: dict) -> int:
-    per_component = {name: component_flops(name, build, geometry, key=key) for name, (build, key) in builders.items()}
+def generation_flops(library: str, unet_calls: int, builders: dict[str, tuple[Callable[[], Any], str]],
+                     geometry: dict) -> int:
+    per_component = {name: component_flops(library, name, build, geometry, key=key)
+                     for name, (build, key) in builders.items()}
     return unet_calls * per_component["unet"] + sum(v for k, v in per_component.items() if k != "unet")
 
 
@@ -393,6 +406,7 @@ def pbe_builder(component: str, config: Any) -> tuple[Callable[[], Any], str]:
 def pbe_runner(task: str, dtype: Any, job: dict) -> Runner:
     import torch
 
+    library = "pbe"
     import pbe
 
     native, geometry = job["native"], job["geometry"]
@@ -413,19 +427,19 @@ def pbe_runner(task: str, dtype: Any, job: dict) -> Runner:
         builders = {c: pbe_builder(c, net.config) for c, net in (("unet", pipe.unet), ("vae_encode", pipe.vae),
                                                                  ("vae_decode", pipe.vae),
                                                                  ("image_encoder", pipe.image_encoder))}
-        return Runner(generate, _as_array, lambda: generation_flops(calls[0], builders, geometry))
+        return Runner(generate, _as_array, lambda: generation_flops(library, calls[0], builders, geometry))
 
     nets = pbe.load(native, dtype=dtype)
     x = task_inputs(task, geometry, dtype)
     runs = {
-        "unet": lambda: nets.unet(x["sample"], TIMESTEP, x["context"]),
+        "unet": lambda: guided_unet_call("pbe", nets.unet, x),
         "vae_encode": lambda: nets.vae.encode(x["pixels"]).sample(torch.Generator().manual_seed(SEED)),
         "vae_decode": lambda: nets.vae.decode(x["latent"]),
         "image_encoder": lambda: nets.image_encoder(x["pixels"]),
     }
     network = getattr(nets, NETWORK_OF[task])
     build, key = pbe_builder(task, network.config)
-    return Runner(runs[task], _as_array, lambda: component_flops(task, build, geometry, key=key))
+    return Runner(runs[task], _as_array, lambda: component_flops(library, task, build, geometry, key=key))
 
 
 def diffusers_component(name: str, hub: Path, dtype: Any) -> Any:
@@ -455,6 +469,7 @@ def diffusers_builder(component: str, model: Any) -> tuple[Callable[[], Any], st
 def diffusers_runner(task: str, dtype: Any, job: dict) -> Runner:
     import torch
 
+    library = "diffusers"
     hub, geometry = Path(job["hub"]), job["geometry"]
     names = ("unet", "vae", "image_encoder")
     if task == "load":
@@ -483,22 +498,31 @@ def diffusers_runner(task: str, dtype: Any, job: dict) -> Runner:
 
         builders = {c: diffusers_builder(c, net) for c, net in (("unet", unet), ("vae_encode", vae),
                                                                  ("vae_decode", vae), ("image_encoder", encoder))}
-        return Runner(generate, _as_array, lambda: generation_flops(calls[0], builders, geometry))
+        return Runner(generate, _as_array, lambda: generation_flops(library, calls[0], builders, geometry))
 
     model = diffusers_component(NETWORK_OF[task], hub, dtype)
     x = task_inputs(task, geometry, dtype)
     runs = {
-        "unet": lambda: model(x["sample"], TIMESTEP, encoder_hidden_states=x["context"]).sample,
+        "unet": lambda: guided_unet_call("diffusers", model, x),
         "vae_encode": lambda: model.encode(x["pixels"]).latent_dist.sample(
             generator=torch.Generator().manual_seed(SEED)),
         "vae_decode": lambda: model.decode(x["latent"]).sample,
         "image_encoder": lambda: model(x["pixels"]),
     }
     build, key = diffusers_builder(task, model)
-    return Runner(runs[task], _as_array, lambda: component_flops(task, build, geometry, key=key))
+    return Runner(runs[task], _as_array, lambda: component_flops(library, task, build, geometry, key=key))
 
 
 RUNNERS = {"pbe": pbe_runner, "diffusers": diffusers_runner}
+
+
+def pbe_scope() -> Any:
+    import pbe
+
+    return pbe.reuse_freed_memory()
+
+
+SCOPES = {"pbe": pbe_scope, "diffusers": contextlib.nullcontext}  # what each library's timed runs happen inside
 
 
 def time_runs(run: Callable[[], Any], *, warmup: int, repeats: int) -> tuple[list[float], Any]:
@@ -525,7 +549,7 @@ def measure_job(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), SCOPES[job["library"]]():
         runner = RUNNERS[job["library"]](job["task"], torch_dtype(job["dtype"]), job)
         setup_seconds = time.perf_counter() - start
         setup_peak, rss_before = _status_gb("VmHWM"), _status_gb("VmRSS")
