@@ -101,3 +101,30 @@ def test_parity_check_rejects_other_weights_shapes_and_nan() -> None:
     assert not benchmark.check_parity("load", "bf16", weights + [1, 0, 0], weights)["passed"]
     assert not benchmark.check_parity("unet", "fp32", np.zeros((1, 4)), np.zeros((1, 5)))["passed"]
     assert not benchmark.check_parity("unet", "fp32", np.full((2,), np.nan), np.ones(2))["passed"]
+
+
+def _load_profile_script():
+    name = "pbe_profile_unet_script"
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / "profile_unet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_script_breaks_both_unet_calls_into_categories(cache: Path, capsys) -> None:
+    assert benchmark.main(["--tiny", "--build-only", "--cache", str(cache)]) == 0
+    profile = _load_profile_script()
+    assert profile.main(["--tiny", "--cache", str(cache), "--repeats", "1", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("one guided UNet call")) + 2
+    table = {line[:20].strip(): line[20:].split() for line in lines[start:start + len(profile.CATEGORIES) + 1]}
+    assert list(table) == [*profile.CATEGORIES, "total"]
+    for key in ("attention other", "conv 3x3", "linear", "norm", "total"):  # the tiny UNet has all of these
+        assert all(float(seconds) > 0 for seconds in table[key]), (key, table[key])
+    assert float(table["attention 4096 tok"][0]) == 0  # tiny latents: no 4096-token level
+    assert lines[-1].startswith("pbe / diffusers: ")
+
+
+def test_profile_script_says_how_to_build_a_missing_stand_in(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="build it first with scripts/benchmark.py --build-only --tiny"):
+        _load_profile_script().main(["--tiny", "--cache", str(tmp_path)])
