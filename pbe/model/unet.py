@@ -6,6 +6,10 @@ keep mask stacked along channels; the context is ONE token computed from the exa
 
 Data flow: conv_in -> down levels (res blocks, transformers, downsample) -> mid (res, transformer, res) -> up levels
 (each res block eats one skip from the way down) -> GroupNorm-SiLU-conv_out.
+
+Classifier-free guidance runs one sample against two contexts. Everything before the first cross-attention cannot
+see the context, so the sample goes in once and is fanned out to the contexts' batch right there (``fan_out``); the
+skips taken before that point are fanned out when the way up consumes them.
 """
 
 from __future__ import annotations
