@@ -100,7 +100,6 @@ class PaintByExample:
         return torch.cat([uncond, cond])
 
     @torch.no_grad()
-    @reuse_freed_memory()
     def __call__(
         self,
         example_image: Any,
@@ -167,18 +166,21 @@ class PaintByExample:
         # Denoise. The UNet sees [noisy latent, masked-image latent, keep mask] stacked along channels.
         order = getattr(sched, "order", 1)  # diffusers' meaning: model evaluations per reported step
         warmup = len(timesteps) - num_inference_steps * order
-        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
-            # With guidance the context holds [unconditional, conditional] rows for the same sample: the UNet fans the
-            # sample out itself, after the layers the context cannot influence.
-            model_input = torch.cat([sched.scale_model_input(latents, t), masked_latents, latent_mask], dim=1)
-            eps = self.unet(model_input, t, context)
-            if guided:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            latents = sched.step(eps, t, latents, eta=eta, generator=generator)
-            reported = i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0)
-            if callback is not None and reported and i % callback_steps == 0:
-                callback(i // order, int(t), latents)
+        # Every step allocates the same tensors again: keep freed memory for the next step instead of taking fresh
+        # pages from the kernel (see pbe.memory; the autoencoder runs outside, its few large tensors would fragment it).
+        with reuse_freed_memory():
+            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
+                # With guidance the context holds [unconditional, conditional] rows for the same sample: the UNet
+                # fans the sample out itself, after the layers the context cannot influence.
+                model_input = torch.cat([sched.scale_model_input(latents, t), masked_latents, latent_mask], dim=1)
+                eps = self.unet(model_input, t, context)
+                if guided:
+                    eps_uncond, eps_cond = eps.chunk(2)
+                    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                latents = sched.step(eps, t, latents, eta=eta, generator=generator)
+                reported = i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0)
+                if callback is not None and reported and i % callback_steps == 0:
+                    callback(i // order, int(t), latents)
 
         if output_type == "latent":
             return PaintByExampleOutput(latents)

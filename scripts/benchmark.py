@@ -20,8 +20,9 @@ What one run does:
    matmul is not the fastest kernel, e.g. MKL's fp32 GEMM on AMD CPUs, convolution-heavy tasks can exceed 100%.)
 3. For every task and dtype runs pbe, then diffusers (alternating, so slow drift hits both), each measurement in a
    FRESH subprocess that loads only what its task needs, does one warm-up and ``--repeats`` timed runs (median
-   reported) on all the machine's cores. pbe's runs happen inside ``pbe.reuse_freed_memory()``, as in its
-   pipeline (diffusers has no such setting; ``MALLOC_MMAP_MAX_=0`` in the environment would give it the same). Tasks:
+   reported) on all the machine's cores. pbe's UNet calls happen inside ``pbe.reuse_freed_memory()``, as in its
+   pipeline's denoising loop (diffusers has no such setting; ``MALLOC_MMAP_MAX_=0`` in the environment would give
+   it the same). Tasks:
      unet           one guided UNet call, t = 981, context [2, 1, 768] = [unconditional, conditional]: diffusers
                     gets the latent repeated, [2, 9, 64, 64], as its pipeline passes it; pbe gets it once,
                     [1, 9, 64, 64], as its pipeline passes it (pbe's UNet fans it out where the contexts first act)
@@ -516,13 +517,14 @@ def diffusers_runner(task: str, dtype: Any, job: dict) -> Runner:
 RUNNERS = {"pbe": pbe_runner, "diffusers": diffusers_runner}
 
 
-def pbe_scope() -> Any:
-    import pbe
+def timed_scope(library: str, task: str) -> Any:
+    """What the timed runs happen inside: pbe's UNet calls inside ``pbe.reuse_freed_memory()``, as in its pipeline's
+    denoising loop (which is where the generation gets it); everything else as is."""
+    if library == "pbe" and task == "unet":
+        import pbe
 
-    return pbe.reuse_freed_memory()
-
-
-SCOPES = {"pbe": pbe_scope, "diffusers": contextlib.nullcontext}  # what each library's timed runs happen inside
+        return pbe.reuse_freed_memory()
+    return contextlib.nullcontext()
 
 
 def time_runs(run: Callable[[], Any], *, warmup: int, repeats: int) -> tuple[list[float], Any]:
@@ -549,7 +551,7 @@ def measure_job(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     start = time.perf_counter()
-    with torch.no_grad(), SCOPES[job["library"]]():
+    with torch.no_grad(), timed_scope(job["library"], job["task"]):
         runner = RUNNERS[job["library"]](job["task"], torch_dtype(job["dtype"]), job)
         setup_seconds = time.perf_counter() - start
         setup_peak, rss_before = _status_gb("VmHWM"), _status_gb("VmRSS")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
-from pbe import PaintByExample
+from pbe import PaintByExample, memory
 from pbe.schedulers import DDIMScheduler
 
 from conftest import HUB
@@ -103,6 +105,21 @@ def test_callback_and_scheduler_choice(pipe) -> None:
     _paint(pipe, _picture(40, 48, 6), _mask(40, 48), num_inference_steps=4, scheduler=DDIMScheduler(),
            callback=lambda i, t, x: calls.append(i), callback_steps=2)
     assert calls == [0, 2]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc tuning exists for glibc only")
+def test_denoising_loop_and_only_it_reuses_freed_memory(pipe, monkeypatch) -> None:
+    seen = {}
+    original_decode = pipe.vae.decode
+
+    def decode(z):
+        seen["decode"] = memory.active()
+        return original_decode(z)
+
+    monkeypatch.setattr(pipe.vae, "decode", decode)
+    _paint(pipe, _picture(40, 48, 6), _mask(40, 48), callback=lambda i, t, x: seen.setdefault("loop", memory.active()))
+    assert seen == {"loop": True, "decode": False}  # the autoencoder's large tensors would fragment the heap
+    assert not memory.active()
 
 
 @pytest.mark.parametrize(
