@@ -29,9 +29,10 @@ def _faults_per_round() -> list[int]:
 
 
 def _reuses(faults: list[int]) -> bool:
-    # Fresh pages every round means ~PAGES faults per round. Reuse means almost none after the heap has grown to
-    # fit: a small allocation may split a freed block, so the heap may grow again now and then, but rarely.
-    return sum(faults) < 3 * PAGES
+    # Fresh pages every round means ~PAGES faults in every round. Reuse means almost none once the heap has grown to
+    # fit: small allocations in between may split a freed block, so the heap grows again in the first few rounds
+    # (seen: 3 of 10 on a clean clone), then stays. Without reuse, no round gets away without faults.
+    return sum(f < PAGES // 20 for f in faults) >= ROUNDS // 2
 
 
 def test_large_tensors_reuse_freed_memory_inside_and_not_outside() -> None:
