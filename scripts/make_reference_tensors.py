@@ -56,6 +56,7 @@ import copy
 import importlib.util
 import json
 import pickle
+import platform
 import sys
 import types
 from collections.abc import Iterator
@@ -749,6 +750,27 @@ def reference_threads() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def machine_signature() -> str:
+    """The CPU the fixtures are computed on: model name and the vector/matrix features that pick float kernels.
+
+    Stored in both reference files' metadata under "machine". Float32 and bfloat16 kernels round differently on
+    different CPUs (AVX2, AVX-512, AMX), so tests compare a fixture against a live recomputation tightly only when the
+    signatures match (tests/test_reference_live.py).
+    """
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:  # not Linux: the model name alone
+        pass
+    features = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return " ".join([model, *features, f"torch-{torch.__version__}"])
+
+
 def cases_json(cases: dict) -> str:
     """The pipeline case settings as stored under the "cases" key of pipeline_reference.safetensors' metadata."""
     return json.dumps(cases, sort_keys=True)
@@ -763,7 +785,8 @@ def find_table(explicit: Path | None) -> Path:
 
 def write_all(out: Path, *, components: dict[str, nn.Module], table: list[tuple[str, str, int]]) -> None:
     """Write and check every fixture file under `out`."""
-    save_file(reference_tensors(components), out / "reference.safetensors")
+    machine = machine_signature()
+    save_file(reference_tensors(components), out / "reference.safetensors", metadata={"machine": machine})
 
     for folder, (unet, vae, encoder) in HUB_FOLDERS.items():
         write_hub_folder(out / folder, components[unet], components[vae], components[encoder])
@@ -776,7 +799,7 @@ def write_all(out: Path, *, components: dict[str, nn.Module], table: list[tuple[
     prove_original_layout(load_original_ckpt(out / "original" / "model.ckpt"), unet, vae, encoder)
 
     pipeline_refs, cases = pipeline_references(components)
-    save_file(pipeline_refs, out / "pipeline_reference.safetensors", metadata={"cases": cases_json(cases)})
+    save_file(pipeline_refs, out / "pipeline_reference.safetensors", metadata={"cases": cases_json(cases), "machine": machine})
 
 
 def main(argv: list[str] | None = None) -> None:
