@@ -24,6 +24,7 @@ from . import images as imageio
 from .loading import PaintByExampleNetworks, load, resolve_checkpoint
 from .memory import reuse_freed_memory
 from .model import AutoencoderKL, ImageEncoder, UNet
+from .model.noise import randn
 from .schedulers import Scheduler, make_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -152,7 +153,7 @@ class PaintByExample:
         # Random draw 1: the initial noise.
         shape = (batch * n, self.vae.config.latent_channels, height // factor, width // factor)
         if latents is None:
-            latents = torch.randn(shape, generator=generator, device=_rng_device(generator, device), dtype=dtype).to(device)
+            latents = randn(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {list(shape)}, got {list(latents.shape)}")
         latents = latents.to(device, dtype) * sched.init_noise_sigma
@@ -212,8 +213,3 @@ class PaintByExample:
             raise ValueError("keep_unmasked: pasting pixels back needs decoded images, not output_type='latent'")
         if mask_blur < 0:
             raise ValueError(f"mask_blur: expected a radius >= 0, got {mask_blur!r}")
-
-
-def _rng_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
-    """Draw where the generator lives (like diffusers), so a CPU generator gives the same noise on any device."""
-    return generator.device if generator is not None else device

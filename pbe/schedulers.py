@@ -37,6 +37,8 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
+from .model.noise import randn
+
 Timestep = int | torch.Tensor  # a python int or a 0-d tensor taken from `scheduler.timesteps`
 S = TypeVar("S", bound="Scheduler")
 
@@ -226,7 +228,7 @@ class DDIMScheduler(Scheduler):
         direction = (1 - alpha_prev - std_dev**2) ** (0.5) * model_output
         prev_sample = alpha_prev ** (0.5) * pred_x0 + direction
         if eta > 0:
-            prev_sample = prev_sample + std_dev * _standard_normal_like(model_output, generator)
+            prev_sample = prev_sample + std_dev * _noise_like(model_output, generator)
         return prev_sample
 
 
@@ -382,17 +384,8 @@ def _lagrange_integral(nodes: list[float], j: int, a: float, b: float) -> float:
     return float(numerator.integ()(b - a)) / denominator
 
 
-def _standard_normal_like(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """N(0, 1) noise shaped like `like`, drawn as diffusers' `randn_tensor` draws it so that seeds match: in the
-    tensor's dtype, on the generator's device when that is the CPU, then moved to the tensor's device."""
-    draw_device = like.device
-    if generator is not None and generator.device.type != like.device.type:
-        if generator.device.type != "cpu":
-            raise ValueError(
-                f"cannot draw noise for a {like.device.type} tensor from a {generator.device.type} generator"
-            )
-        draw_device = torch.device("cpu")
-    return torch.randn(like.shape, generator=generator, device=draw_device, dtype=like.dtype).to(like.device)
+def _noise_like(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
 SCHEDULERS: dict[str, type[Scheduler]] = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "lms": LMSScheduler}

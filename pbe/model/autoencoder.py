@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import AutoencoderConfig
 from .layers import Downsample, GroupNorm, GroupNormSiLU, ResBlock, Upsample
+from .noise import randn
 
 
 class DiagonalGaussian:
@@ -25,10 +26,8 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """mean + std * noise; the noise is ONE randn of the latent's shape from ``generator`` (seeds match diffusers)."""
-        # Like diffusers, draw on the generator's device (a CPU generator gives the same noise for a CUDA model).
-        device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean.device)
+        noise = randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
 
 
 class SelfAttention2d(nn.Module):
