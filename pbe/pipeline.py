@@ -1,10 +1,13 @@
-"""Paint by Example end to end: preprocess -> encode -> denoise -> decode.
+"""Paint by Example end to end, in five stages: checks -> inputs -> example encoding -> denoising -> decoding.
 
 Same semantics, same random draws in the same order, as diffusers' ``PaintByExamplePipeline`` (the parity reference):
 1. initial noise ``randn(B * n, 4, h, w)`` times the scheduler's ``init_noise_sigma``,
 2. the masked image's latent: a SAMPLE of the autoencoder's posterior, times the scaling factor,
 3. (DDIM with eta > 0 only) one noise draw per step.
 Classifier-free guidance runs the batch as [unconditional, conditional] and mixes eps_u + s (eps_c - eps_u).
+
+Each network is fed in its own parameters' dtype and device (an fp16 UNet may sit beside an fp32 autoencoder): the
+stages convert their results on the way to the next network.
 """
 
 from __future__ import annotations
@@ -18,16 +21,27 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import images as imageio
-from .loading import PaintByExampleNetworks, load, resolve_checkpoint
+from .loading import DEFAULT_REPO, PaintByExampleNetworks, load, resolve_checkpoint
 from .memory import reuse_freed_memory
 from .model import AutoencoderKL, ImageEncoder, UNet
 from .model.noise import randn
 from .schedulers import Scheduler, make_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+Device = str | torch.device
+Callback = Callable[[int, int, torch.Tensor], None]
+
+# diffusers' keyword arguments that Paint by Example cannot honour, and why (a TypeError says so).
+REFUSED_ARGUMENTS = {
+    "negative_prompt": "Paint by Example has no text prompt; the unconditional side of guidance is the learned "
+                       "embedding image_encoder.uncond_embedding",
+    "height": "the output has the size of `image` (diffusers ignores it too); resize image and mask_image instead",
+    "width": "the output has the size of `image` (diffusers ignores it too); resize image and mask_image instead",
+}
 
 
 @dataclass
@@ -35,6 +49,42 @@ class PaintByExampleOutput:
     """``images``: a list of PIL images, an array [N, H, W, 3] in [0, 1], a tensor [N, 3, H, W] in [0, 1], or latents."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+@dataclass
+class PreparedInputs:
+    """The picture to paint, as the inputs stage hands it to the others (float32, on the CPU)."""
+
+    pixels: torch.Tensor  # (B, 3, H, W) in [-1, 1], padded at the bottom/right to multiples of 8
+    keep_mask: torch.Tensor  # (B, 1, H, W), 1 = keep, 0 = repaint; the padding is kept
+    original_size: tuple[int, int]  # (H, W) before padding: the output is cropped back to it
+
+    @property
+    def batch(self) -> int:
+        return self.pixels.shape[0]
+
+
+def _placement(network: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype a network computes in: those of its parameters."""
+    parameter = next(network.parameters())
+    return parameter.device, parameter.dtype
+
+
+def _resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    """``torch_dtype`` (diffusers' name) and ``dtype`` are synonyms: give one, or both equal."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise TypeError(f"torch_dtype={torch_dtype} and dtype={dtype} disagree; they are synonyms, give one of them")
+    chosen = torch_dtype if torch_dtype is not None else dtype
+    if chosen is not None and (not isinstance(chosen, torch.dtype) or not chosen.is_floating_point):
+        raise TypeError(f"dtype: expected a floating-point torch.dtype such as torch.float16, got {chosen!r}")
+    return chosen
+
+
+def _resolve_device(device: Device | None) -> torch.device | None:
+    try:
+        return None if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
 
 
 class PaintByExample:
@@ -59,46 +109,72 @@ class PaintByExample:
     @classmethod
     def from_pretrained(
         cls,
-        src: str | Path = "Fantasy-Studio/Paint-by-Example",
+        src: str | Path = DEFAULT_REPO,
         *,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
+        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
+        device: Device = "cpu",
         scheduler: str = "pndm",
-    ) -> "PaintByExample":
-        """Load from anything ``pbe.load`` takes, or a hub repo id (fetched into the Hugging Face cache on first use)."""
+    ) -> PaintByExample:
+        """Load from anything ``pbe.load`` takes, or a hub repo id (fetched into the Hugging Face cache on first use).
+
+        ``torch_dtype`` (diffusers' name) or its synonym ``dtype``: the dtype of all three networks, default float32;
+        giving both with different values is a TypeError. ``device``: where the networks are placed.
+        """
+        chosen = _resolve_dtype(dtype, torch_dtype) or torch.float32
         path = resolve_checkpoint(src)
-        networks: PaintByExampleNetworks = load(path, dtype=dtype, device=device)
+        networks: PaintByExampleNetworks = load(path, dtype=chosen, device=device)
         scheduler_json = path / "scheduler" / "scheduler_config.json" if path.is_dir() else None
         config = json.loads(scheduler_json.read_text()) if scheduler_json and scheduler_json.is_file() else None
         return cls(networks.unet, networks.vae, networks.image_encoder, scheduler, scheduler_config=config)
 
+    # ---- where the networks live --------------------------------------------------------------------------------------
+
+    @property
+    def networks(self) -> tuple[UNet, AutoencoderKL, ImageEncoder]:
+        return self.unet, self.vae, self.image_encoder
+
     @property
     def device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
+        """The UNet's device: where the denoising loop runs and the latents live."""
+        return _placement(self.unet)[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.conv_in.weight.dtype
+        """The UNet's dtype: the one the denoising loop runs in (the other networks may differ, see ``to``)."""
+        return _placement(self.unet)[1]
 
-    def encode_example(self, example_image: Any) -> torch.Tensor:
-        """The conditioning token(s) [Bx, 1, D] of one or several example images."""
-        size = self.image_encoder.config.clip.image_size
-        pixels = imageio.preprocess_example(example_image, size=size)
-        return self.image_encoder(pixels.to(self.device, self.image_encoder.proj.weight.dtype))
+    def to(
+        self,
+        *args: Device | torch.dtype | None,
+        device: Device | None = None,
+        dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> PaintByExample:
+        """Move and/or cast all three networks, in place; returns the pipeline, as diffusers' ``to`` does.
 
-    def _context(self, example_image: Any, batch: int, n: int, guided: bool) -> torch.Tensor:
-        cond = self.encode_example(example_image)
-        if cond.shape[0] not in (1, batch):
-            raise ValueError(f"example_image: got {cond.shape[0]} example images for {batch} images; "
-                             f"give one example for all of them or one per image")
-        # Latents are ordered [image 0..B-1] repeated n times (diffusers' `repeat`); the contexts follow the same order,
-        # so image i is always painted with example i. (diffusers interleaves its contexts instead, which pairs images
-        # with the wrong examples when B > 1 and n > 1; with one example, or B = 1, both orders are the same.)
-        cond = cond.expand(batch, -1, -1).repeat(n, 1, 1)
-        if not guided:
-            return cond
-        uncond = self.image_encoder.uncond_embedding.to(cond.dtype).expand(cond.shape[0], -1, -1)
-        return torch.cat([uncond, cond])
+        Call shapes: ``to(device)``, ``to(dtype)``, ``to(device, dtype)``, ``to(device=..., dtype=...)``
+        (``torch_dtype=`` is a synonym of ``dtype=``). To give one network its own dtype, cast it alone:
+        ``pipe.unet.half()``; the pipeline feeds every network in its own dtype.
+        """
+        if len(args) > 2:
+            raise TypeError(f"to() takes at most 2 positional arguments (device, dtype), got {len(args)}")
+        if len(args) == 1 and isinstance(args[0], torch.dtype):
+            args = (None, args[0])
+        positional_device, positional_dtype = (*args, None, None)[:2]
+        if isinstance(positional_device, torch.dtype):
+            raise TypeError(f"to(device, dtype): the first argument is the device, got {positional_device}")
+        if positional_device is not None and device is not None:
+            raise TypeError(f"to(): device given twice, {positional_device!r} and device={device!r}")
+        if positional_dtype is not None and (dtype is not None or torch_dtype is not None):
+            raise TypeError(f"to(): dtype given twice, {positional_dtype} and as a keyword")
+        target_dtype = _resolve_dtype(positional_dtype if positional_dtype is not None else dtype, torch_dtype)
+        target_device = _resolve_device(positional_device if positional_device is not None else device)
+        for network in self.networks:
+            network.to(device=target_device, dtype=target_dtype)
+        return self
+
+    # ---- the stages ---------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(
@@ -115,7 +191,7 @@ class PaintByExample:
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         scheduler: Scheduler | str | None = None,
-        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        callback: Callback | None = None,
         callback_steps: int = 1,
         progress: bool = True,
         keep_unmasked: bool = False,
@@ -129,76 +205,37 @@ class PaintByExample:
         may serve a whole batch. ``keep_unmasked`` pastes the input back outside the mask (softened by ``mask_blur``
         pixels); sides that are not multiples of 8 are padded and cropped back.
         """
-        if "negative_prompt" in unsupported:
-            raise TypeError("negative_prompt: Paint by Example has no text prompt; the unconditional side of guidance is "
-                            "the learned embedding image_encoder.uncond_embedding")
-        if unsupported:
-            raise TypeError(f"PaintByExample.__call__() got unexpected keyword arguments: {', '.join(sorted(unsupported))}")
         self._check_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, output_type, callback_steps,
-                              keep_unmasked, mask_blur)
+                              keep_unmasked, mask_blur, unsupported)
         sched = make_scheduler(scheduler, self.scheduler_config) if isinstance(scheduler, str) else (scheduler or self.scheduler)
-        device, dtype, n = self.device, self.dtype, num_images_per_prompt
-        guided = guidance_scale > 1.0
+        n, guided = num_images_per_prompt, guidance_scale > 1.0
 
-        keep_mask, pixels = imageio.prepare_image_and_mask(image, mask_image)
-        factor = self.vae.config.downscale
-        original_size = tuple(pixels.shape[-2:])
-        pixels, keep_mask = imageio.pad_to_multiple(pixels, keep_mask, multiple=8)
-        batch, (height, width) = pixels.shape[0], pixels.shape[-2:]
-        masked_pixels = pixels * keep_mask
-
-        context = self._context(example_image, batch, n, guided)
+        inputs = self._prepare_inputs(image, mask_image)
+        context = self._encode_examples(example_image, inputs.batch, n, guided=guided)
         timesteps = sched.set_timesteps(num_inference_steps)
+        # Random draws 1 and 2, in diffusers' order: the initial noise, then the masked image's latent.
+        latents = self._initial_latents(inputs, n, sched.init_noise_sigma, generator=generator, latents=latents)
+        masked_latents, latent_mask = self._masked_image_latents(inputs, n, generator=generator)
 
-        # Random draw 1: the initial noise.
-        shape = (batch * n, self.vae.config.latent_channels, height // factor, width // factor)
-        if latents is None:
-            latents = randn(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents: expected shape {list(shape)}, got {list(latents.shape)}")
-        latents = latents.to(device, dtype) * sched.init_noise_sigma
-
-        # Random draw 2: the masked image's latent is a sample of the posterior, not its mean.
-        # Reference quirk: the latent-size keep mask is a plain nearest resize of the pixel mask.
-        latent_mask = F.interpolate(keep_mask, size=shape[-2:]).to(device, dtype)
-        masked_latents = self.vae.encode(masked_pixels.to(device, dtype)).sample(generator) * self.vae.config.scaling_factor
-        latent_mask, masked_latents = latent_mask.repeat(n, 1, 1, 1), masked_latents.repeat(n, 1, 1, 1)
-
-        # Denoise. The UNet sees [noisy latent, masked-image latent, keep mask] stacked along channels.
-        order = getattr(sched, "order", 1)  # diffusers' meaning: model evaluations per reported step
-        warmup = len(timesteps) - num_inference_steps * order
-        # Every step allocates the same tensors again: keep freed memory for the next step instead of taking fresh
-        # pages from the kernel (see pbe.memory; the autoencoder runs outside, its few large tensors would fragment it).
-        with reuse_freed_memory():
-            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
-                # With guidance the context holds [unconditional, conditional] rows for the same sample: the UNet
-                # fans the sample out itself, after the layers the context cannot influence.
-                model_input = torch.cat([sched.scale_model_input(latents, t), masked_latents, latent_mask], dim=1)
-                eps = self.unet(model_input, t, context)
-                if guided:
-                    eps_uncond, eps_cond = eps.chunk(2)
-                    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                latents = sched.step(eps, t, latents, eta=eta, generator=generator)
-                reported = i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0)
-                if callback is not None and reported and i % callback_steps == 0:
-                    callback(i // order, int(t), latents)
-
+        latents = self._denoise(
+            sched, timesteps, latents, masked_latents, latent_mask, context,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, generator=generator,
+            callback=callback, callback_steps=callback_steps, progress=progress,
+        )
         if output_type == "latent":
             return PaintByExampleOutput(latents)
-        decoded = self.vae.decode(latents / self.vae.config.scaling_factor)
-        result = (decoded / 2 + 0.5).clamp(0, 1)
-        if keep_unmasked:
-            original = (pixels.to(result.device, result.dtype) / 2 + 0.5).repeat(n, 1, 1, 1)
-            result = imageio.paste_back(result, original, keep_mask.to(result.device).repeat(n, 1, 1, 1), blur_radius=mask_blur)
-        result = imageio.crop(result, original_size)
-        if output_type == "pt":
-            return PaintByExampleOutput(result)
-        array = imageio.to_numpy(result)
-        return PaintByExampleOutput(array if output_type == "np" else imageio.to_pil(result))
+        return self._decode(latents, inputs, n, output_type=output_type, keep_unmasked=keep_unmasked,
+                            mask_blur=mask_blur)
 
     @staticmethod
     def _check_arguments(steps: int, guidance: float, n: int, output_type: str, callback_steps: int,
-                         keep_unmasked: bool, mask_blur: float) -> None:
+                         keep_unmasked: bool, mask_blur: float, unsupported: dict[str, Any]) -> None:
+        """Stage 1: refuse bad arguments before any work, each error naming its argument."""
+        refused = sorted(unsupported.keys() & REFUSED_ARGUMENTS.keys())
+        if refused:
+            raise TypeError(f"{refused[0]}: {REFUSED_ARGUMENTS[refused[0]]}")
+        if unsupported:
+            raise TypeError(f"PaintByExample.__call__() got unexpected keyword arguments: {', '.join(sorted(unsupported))}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps: expected a positive integer, got {steps!r}")
         if not isinstance(n, int) or n < 1:
@@ -213,3 +250,112 @@ class PaintByExample:
             raise ValueError("keep_unmasked: pasting pixels back needs decoded images, not output_type='latent'")
         if mask_blur < 0:
             raise ValueError(f"mask_blur: expected a radius >= 0, got {mask_blur!r}")
+
+    @staticmethod
+    def _prepare_inputs(image: Any, mask_image: Any) -> PreparedInputs:
+        """Stage 2: the picture in [-1, 1] and its keep mask, padded to multiples of 8 (the autoencoder's stride)."""
+        keep_mask, pixels = imageio.prepare_image_and_mask(image, mask_image)
+        original_size = (pixels.shape[-2], pixels.shape[-1])
+        pixels, keep_mask = imageio.pad_to_multiple(pixels, keep_mask, multiple=8)
+        return PreparedInputs(pixels, keep_mask, original_size)
+
+    def encode_example(self, example_image: Any) -> torch.Tensor:
+        """The conditioning token(s) [Bx, 1, D] of one or several example images, in the image encoder's dtype."""
+        device, dtype = _placement(self.image_encoder)
+        pixels = imageio.preprocess_example(example_image, size=self.image_encoder.config.clip.image_size)
+        return self.image_encoder(pixels.to(device, dtype))
+
+    def _encode_examples(self, example_image: Any, batch: int, n: int, *, guided: bool) -> torch.Tensor:
+        """Stage 3: the UNet's context, one row per latent ([unconditional rows, conditional rows] when guided)."""
+        cond = self.encode_example(example_image)
+        if cond.shape[0] not in (1, batch):
+            raise ValueError(f"example_image: got {cond.shape[0]} example images for {batch} images; "
+                             f"give one example for all of them or one per image")
+        # Latents are ordered [image 0..B-1] repeated n times (diffusers' `repeat`); the contexts follow the same order,
+        # so image i is always painted with example i. (diffusers interleaves its contexts instead, which pairs images
+        # with the wrong examples when B > 1 and n > 1; with one example, or B = 1, both orders are the same.)
+        cond = cond.expand(batch, -1, -1).repeat(n, 1, 1)
+        if guided:
+            uncond = self.image_encoder.uncond_embedding.expand(cond.shape[0], -1, -1)
+            cond = torch.cat([uncond.to(cond.dtype), cond])
+        return cond.to(*_placement(self.unet))
+
+    def _initial_latents(self, inputs: PreparedInputs, n: int, init_noise_sigma: float, *,
+                         generator: torch.Generator | None, latents: torch.Tensor | None) -> torch.Tensor:
+        """Stage 4a, random draw 1: unit Gaussian noise (or the caller's ``latents``) times ``init_noise_sigma``."""
+        device, dtype = _placement(self.unet)
+        factor = self.vae.config.downscale
+        height, width = inputs.pixels.shape[-2:]
+        shape = (inputs.batch * n, self.vae.config.latent_channels, height // factor, width // factor)
+        if latents is None:
+            latents = randn(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected shape {list(shape)}, got {list(latents.shape)}")
+        return latents.to(device, dtype) * init_noise_sigma
+
+    def _masked_image_latents(self, inputs: PreparedInputs, n: int, *,
+                              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 4b, random draw 2: the masked image's latent and the latent-size keep mask, for the UNet.
+
+        The latent is a sample of the autoencoder's posterior, not its mean, drawn in the autoencoder's dtype.
+        """
+        vae_device, vae_dtype = _placement(self.vae)
+        unet_device, unet_dtype = _placement(self.unet)
+        masked_pixels = (inputs.pixels * inputs.keep_mask).to(vae_device, vae_dtype)
+        masked_latents = self.vae.encode(masked_pixels).sample(generator) * self.vae.config.scaling_factor
+        # Reference quirk: the latent-size keep mask is a plain nearest resize of the pixel mask.
+        latent_mask = F.interpolate(inputs.keep_mask, size=masked_latents.shape[-2:])
+        return (masked_latents.to(unet_device, unet_dtype).repeat(n, 1, 1, 1),
+                latent_mask.to(unet_device, unet_dtype).repeat(n, 1, 1, 1))
+
+    def _denoise(
+        self,
+        sched: Scheduler,
+        timesteps: torch.Tensor,
+        latents: torch.Tensor,
+        masked_latents: torch.Tensor,
+        latent_mask: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+        eta: float,
+        generator: torch.Generator | None,
+        callback: Callback | None,
+        callback_steps: int,
+        progress: bool,
+    ) -> torch.Tensor:
+        """Stage 5: the denoising loop. The UNet sees [noisy latent, masked-image latent, keep mask] along channels."""
+        order = getattr(sched, "order", 1)  # diffusers' meaning: model evaluations per reported step
+        warmup = len(timesteps) - num_inference_steps * order
+        # Every step allocates the same tensors again: keep freed memory for the next step instead of taking fresh
+        # pages from the kernel (see pbe.memory; the autoencoder runs outside, its few large tensors would fragment it).
+        with reuse_freed_memory():
+            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
+                # With guidance the context holds [unconditional, conditional] rows for the same sample: the UNet
+                # fans the sample out itself, after the layers the context cannot influence.
+                model_input = torch.cat([sched.scale_model_input(latents, t), masked_latents, latent_mask], dim=1)
+                eps = self.unet(model_input, t, context)
+                if guidance_scale > 1.0:
+                    eps_uncond, eps_cond = eps.chunk(2)
+                    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                latents = sched.step(eps, t, latents, eta=eta, generator=generator)
+                reported = i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0)
+                if callback is not None and reported and i % callback_steps == 0:
+                    callback(i // order, int(t), latents)
+        return latents
+
+    def _decode(self, latents: torch.Tensor, inputs: PreparedInputs, n: int, *, output_type: str,
+                keep_unmasked: bool, mask_blur: float) -> PaintByExampleOutput:
+        """Stage 6: latents -> images in [0, 1] (in the autoencoder's dtype), pasted back if asked, cropped, converted."""
+        device, dtype = _placement(self.vae)
+        decoded = self.vae.decode(latents.to(device, dtype) / self.vae.config.scaling_factor)
+        result = (decoded / 2 + 0.5).clamp(0, 1)
+        if keep_unmasked:
+            original = (inputs.pixels.to(device, dtype) / 2 + 0.5).repeat(n, 1, 1, 1)
+            keep_mask = inputs.keep_mask.to(device).repeat(n, 1, 1, 1)
+            result = imageio.paste_back(result, original, keep_mask, blur_radius=mask_blur)
+        result = imageio.crop(result, inputs.original_size)
+        if output_type == "pt":
+            return PaintByExampleOutput(result)
+        return PaintByExampleOutput(imageio.to_numpy(result) if output_type == "np" else imageio.to_pil(result))

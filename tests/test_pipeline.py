@@ -63,9 +63,13 @@ def test_sizes_that_are_not_multiples_of_8_are_padded_and_cropped_back(pipe) -> 
     image, mask = _picture(45, 50, 2), _mask(45, 50)
     out = _paint(pipe, image, mask, output_type="np")
     assert out.shape == (1, 45, 50, 3)
-    # The padded run equals painting the padded picture and cropping: the crop is the top-left corner.
-    padded = _paint(pipe, image.crop((0, 0, 56, 48)), mask.crop((0, 0, 56, 48)), output_type="np")
+    # The padded run equals painting the padded picture and cropping: padded as pbe.images.pad_to_multiple documents
+    # (the last row/column repeated, the padding kept), then the top-left 45x50 of the result.
+    padded_image = PIL.Image.fromarray(np.pad(np.asarray(image), ((0, 3), (0, 6), (0, 0)), mode="edge"))
+    padded_mask = PIL.Image.fromarray(np.pad(np.asarray(mask), ((0, 3), (0, 6)), constant_values=0))
+    padded = _paint(pipe, padded_image, padded_mask, output_type="np")
     assert padded.shape == (1, 48, 56, 3)
+    np.testing.assert_array_equal(out, padded[:, :45, :50])  # the same tensors reach the networks: bit-identical
 
 
 def test_keep_unmasked_pastes_the_input_back_outside_the_mask(pipe) -> None:
