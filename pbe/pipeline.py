@@ -41,6 +41,7 @@ REFUSED_ARGUMENTS = {
                        "embedding image_encoder.uncond_embedding",
     "height": "the output has the size of `image` (diffusers ignores it too); resize image and mask_image instead",
     "width": "the output has the size of `image` (diffusers ignores it too); resize image and mask_image instead",
+    "return_dict": "pbe always returns a PaintByExampleOutput; take its .images",
 }
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import platform
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
+import pbe
 from pbe import PaintByExample, memory
+from pbe.pipeline import REFUSED_ARGUMENTS
 from pbe.schedulers import DDIMScheduler
 
 from conftest import HUB
@@ -148,6 +152,8 @@ def test_bad_arguments_name_themselves(pipe, kwargs, message) -> None:
 def test_negative_prompt_is_refused_with_the_reason(pipe) -> None:
     with pytest.raises(TypeError, match="negative_prompt: Paint by Example has no text prompt"):
         _paint(pipe, _picture(40, 48, 1), _mask(40, 48), negative_prompt="blurry")
+    with pytest.raises(TypeError, match="height: the output has the size of `image`"):
+        _paint(pipe, _picture(40, 48, 1), _mask(40, 48), height=512)
     with pytest.raises(TypeError, match="unexpected keyword arguments: prompt"):
         _paint(pipe, _picture(40, 48, 1), _mask(40, 48), prompt="a cat")
 
@@ -179,3 +185,148 @@ def test_bfloat16_pipeline_runs_every_scheduler(pipe) -> None:
         # of diffusers' own pipeline differs from its float32 run by 0.24 on average (measured), and pbe's by the
         # same. The networks' bfloat16 accuracy is tested against the reference in test_networks.py.
         assert 0 <= low.min() and low.max() <= 1
+
+
+def test_every_keyword_of_diffusers_call_is_taken_or_refused_with_a_reason() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    theirs = set(inspect.signature(diffusers.PaintByExamplePipeline.__call__).parameters) - {"self"}
+    ours = set(inspect.signature(PaintByExample.__call__).parameters) - {"self", "unsupported"}
+    assert {"example_image", "image", "mask_image"} <= ours
+    assert theirs - ours == set(REFUSED_ARGUMENTS)
+
+
+# ---- dtypes and devices ------------------------------------------------------------------------------------------------
+
+
+def test_the_reference_example_runs_as_written() -> None:
+    """diffusers' PaintByExamplePipeline example, with its import changed to pbe, pbe's bundled pictures for the
+    downloads, the tiny stand-in for the hub repo, "cuda" swapped for "cpu", and 512 px / 50 steps cut to 64 px / 2 steps
+    (fp16 on a CPU without fp16 kernels is emulated, and slow)."""
+    from pbe import PaintByExample as PaintByExamplePipeline
+
+    def download_image(url):
+        return PIL.Image.open(Path(pbe.__file__).parent / "examples" / url).convert("RGB")
+
+    img_url = "image.png"
+    mask_url = "mask.png"
+    example_url = "example.png"
+
+    init_image = download_image(img_url).resize((64, 64))
+    mask_image = download_image(mask_url).resize((64, 64))
+    example_image = download_image(example_url).resize((64, 64))
+
+    pipe = PaintByExamplePipeline.from_pretrained(
+        HUB,
+        torch_dtype=torch.float16,
+    )
+    pipe = pipe.to("cpu")
+
+    image = pipe(image=init_image, mask_image=mask_image, example_image=example_image, num_inference_steps=2).images[0]
+
+    assert isinstance(image, PIL.Image.Image) and image.size == (64, 64) and image.mode == "RGB"
+    assert pipe.dtype == torch.float16 and pipe.device == torch.device("cpu")
+
+
+def _record_input_dtypes(pipe: PaintByExample) -> dict[str, set[torch.dtype]]:
+    """The dtypes each network's forward receives, per network (the autoencoder's halves separately)."""
+    seen: dict[str, set[torch.dtype]] = {}
+    watched = {"unet": pipe.unet, "image_encoder": pipe.image_encoder, "vae.encoder": pipe.vae.encoder,
+               "vae.post_quant_conv": pipe.vae.post_quant_conv}
+    for name, network in watched.items():
+        def hook(module, args, name=name):
+            seen.setdefault(name, set()).update(a.dtype for a in args if torch.is_tensor(a) and a.ndim >= 3)
+        network.register_forward_pre_hook(hook)
+    return seen
+
+
+def test_each_network_is_fed_in_its_own_dtype(pipe) -> None:
+    """A float16 UNet beside a float32 autoencoder and image encoder (the usual GPU mix) runs, each network seeing
+    inputs in its own dtype, and paints close to the all-float32 run."""
+    mixed = PaintByExample.from_pretrained(HUB)
+    mixed.unet.half()
+    seen = _record_input_dtypes(mixed)
+    image, mask = _picture(40, 48, 3), _mask(40, 48)
+    # The same noise for every run: torch draws float16 noise differently from float32 noise for the same seed.
+    noise = torch.randn((1, 4, 5, 6), generator=torch.Generator().manual_seed(3))
+    out = _paint(mixed, image, mask, output_type="pt", latents=noise)
+    assert seen == {"image_encoder": {torch.float32}, "vae.encoder": {torch.float32}, "unet": {torch.float16},
+                    "vae.post_quant_conv": {torch.float32}}  # UNet: its sample and its context
+    assert out.dtype == torch.float32 and mixed.dtype == torch.float16
+
+    full = _paint(pipe, image, mask, output_type="pt", latents=noise)
+    half = _paint(PaintByExample.from_pretrained(HUB, torch_dtype=torch.float16), image, mask, output_type="pt",
+                  latents=noise).float()
+    mixed_error, half_error = (out - full).abs().max().item(), (half - full).abs().max().item()
+    # float16 keeps 11 significant bits (2^-11 = 4.9e-4 relative per rounding); three UNet calls, each difference
+    # eps_c - eps_u amplified by the guidance scale 5, move this picture by 0.012 at most (measured; mean 0.0013). The
+    # bound 0.05 leaves 4x for other CPUs' kernels. The yardstick: with the autoencoder and image encoder in float16
+    # too, the picture moves by 0.51 (measured): keeping them in float32 is what keeps the mixed run close.
+    assert mixed_error <= 0.05
+    assert mixed_error <= half_error / 4, (mixed_error, half_error)
+
+
+def test_each_network_is_fed_on_its_own_device() -> None:
+    """With the UNet on the meta device (a stand-in for a GPU) and the rest on the CPU, every tensor reaches the UNet
+    on its device: the latents come back on meta, with the CPU generator's noise moved there."""
+    pipe = PaintByExample.from_pretrained(HUB)
+    pipe.unet.to("meta")
+    assert pipe.device == torch.device("meta")
+    for scheduler in ("pndm", "ddim", "lms"):
+        latents = _paint(pipe, _picture(40, 48, 1), _mask(40, 48), output_type="latent", scheduler=scheduler,
+                         eta=0.5 if scheduler == "ddim" else 0.0)
+        assert latents.device == torch.device("meta") and latents.shape == (1, 4, 5, 6), scheduler
+
+
+def test_to_moves_and_casts_in_place_and_returns_the_pipeline() -> None:
+    pipe = PaintByExample.from_pretrained(HUB)
+    networks = (pipe.unet, pipe.vae, pipe.image_encoder)
+
+    def placement() -> set[tuple[torch.device, torch.dtype]]:
+        return {(p.device, p.dtype) for network in networks for p in network.parameters()}
+
+    cpu = torch.device("cpu")
+    assert (pipe.device, pipe.dtype) == (cpu, torch.float32)
+    assert pipe.to(torch.bfloat16) is pipe and placement() == {(cpu, torch.bfloat16)}
+    assert pipe.to("cpu") is pipe and placement() == {(cpu, torch.bfloat16)}
+    assert pipe.to("cpu", torch.float16) is pipe and placement() == {(cpu, torch.float16)}
+    assert pipe.to(device=cpu, dtype=torch.float32) is pipe and placement() == {(cpu, torch.float32)}
+    assert pipe.to(torch_dtype=torch.bfloat16) is pipe and placement() == {(cpu, torch.bfloat16)}
+    assert (pipe.device, pipe.dtype) == (cpu, torch.bfloat16)
+    assert pipe.to(torch.device("meta")) is pipe and placement() == {(torch.device("meta"), torch.bfloat16)}
+    assert pipe.device == torch.device("meta")
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda p: p.to(torch.float16, "cpu"), TypeError, r"to\(device, dtype\): the first argument is the device"),
+        (lambda p: p.to("cpu", "float16"), TypeError, "dtype: expected a floating-point torch.dtype"),
+        (lambda p: p.to(torch.int8), TypeError, "dtype: expected a floating-point torch.dtype"),
+        (lambda p: p.to("cpu", device="cpu"), TypeError, "device given twice"),
+        (lambda p: p.to(torch.float16, dtype=torch.float16), TypeError, "dtype given twice"),
+        (lambda p: p.to("cpu", torch.float16, None), TypeError, "at most 2 positional arguments"),
+        (lambda p: p.to("gpu"), ValueError, "device: expected a torch device such as 'cpu'"),
+        (lambda p: p.to(dtype=torch.float16, torch_dtype=torch.bfloat16), TypeError,
+         "torch_dtype=torch.bfloat16 and dtype=torch.float16 disagree"),
+    ],
+)
+def test_bad_to_arguments_name_themselves(pipe, call, error, message) -> None:
+    with pytest.raises(error, match=message):
+        call(pipe)
+    assert (pipe.device, pipe.dtype) == (torch.device("cpu"), torch.float32)  # nothing moved
+
+
+def test_from_pretrained_takes_torch_dtype_or_its_synonym_dtype() -> None:
+    assert PaintByExample.from_pretrained(HUB, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert PaintByExample.from_pretrained(HUB, torch_dtype=torch.bfloat16, dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="torch_dtype=torch.float16 and dtype=torch.bfloat16 disagree"):
+        PaintByExample.from_pretrained(HUB, torch_dtype=torch.float16, dtype=torch.bfloat16)
+
+
+def test_a_cast_pipeline_paints_like_one_loaded_in_that_dtype() -> None:
+    """Nothing dtype- or device-specific is decided when loading: casting afterwards gives the same bits."""
+    image, mask = _picture(40, 48, 5), _mask(40, 48)
+    cast = PaintByExample.from_pretrained(HUB).to(torch.bfloat16)
+    loaded = PaintByExample.from_pretrained(HUB, torch_dtype=torch.bfloat16)
+    np.testing.assert_array_equal(_paint(cast, image, mask, output_type="np"),
+                                  _paint(loaded, image, mask, output_type="np"))
