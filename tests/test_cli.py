@@ -24,7 +24,8 @@ from pbe.cli import main
 from conftest import HUB
 
 WIDTH, HEIGHT = 48, 40
-CONSOLE_SCRIPT = Path(sys.executable).with_name("pbe")
+# The console script sits beside the interpreter: bin/pbe on Linux and macOS, Scripts\pbe.exe on Windows.
+CONSOLE_SCRIPT = shutil.which("pbe", path=str(Path(sys.executable).parent))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,10 +65,29 @@ def paint_args(inputs: dict[str, Path], out: Path, checkpoint: Path | str, *extr
 
 
 def run_pbe(args: list[str], *, console_script: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
-    command = [str(CONSOLE_SCRIPT)] if console_script else [sys.executable, "-m", "pbe"]
-    # One thread, as in-process (see `one_thread`), unless the caller chose otherwise.
-    environment = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run(command + args, capture_output=True, text=True, env=environment, timeout=120)
+    if console_script:
+        assert CONSOLE_SCRIPT is not None, f"no pbe console script beside {sys.executable}: is pbe installed there?"
+    command = [CONSOLE_SCRIPT] if console_script else [sys.executable, "-m", "pbe"]
+    # One thread, as in-process (see `one_thread`), unless the caller chose otherwise. UTF-8 both ways, whatever the
+    # platform's console encoding (the progress bar draws with block characters).
+    environment = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", **env}
+    return subprocess.run(command + args, capture_output=True, encoding="utf-8", env=environment, timeout=120)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """The pixels of an image file, closing it at once (an open file cannot be deleted on Windows)."""
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def repeat_command(stderr: str) -> list[str]:
+    """The printed command that repeats a run, split as a POSIX shell would (pbe quotes it with shlex)."""
+    line = next(line for line in stderr.splitlines() if line.startswith("to repeat this run: "))
+    return shlex.split(line.removeprefix("to repeat this run: "))
+
+
+def flag_value(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
 
 
 def assert_one_error_line(stderr: str) -> None:
@@ -91,10 +111,10 @@ def test_paint_writes_the_image_prints_how_to_repeat_and_a_progress_bar(tmp_path
     with Image.open(out) as painted:
         assert painted.format == "PNG" and painted.size == (WIDTH, HEIGHT) and painted.mode == "RGB"
     assert folder_files(tmp_path) == {"painted.png"}  # no temporary file left behind
-    repeat = next(line for line in proc.stderr.splitlines() if line.startswith("to repeat this run: "))
-    for flag in ("--seed 1234", "--steps 2", "--guidance 5.0", "--scheduler pndm", "--dtype fp32", "--device cpu",
-                 "--num-images 1", f"--checkpoint {hub}"):
-        assert flag in repeat
+    repeat = repeat_command(proc.stderr)
+    expected = {"--seed": "1234", "--steps": "2", "--guidance": "5.0", "--scheduler": "pndm", "--dtype": "fp32",
+                "--device": "cpu", "--num-images": "1", "--checkpoint": str(hub)}
+    assert {flag: flag_value(repeat, flag) for flag in expected} == expected
     assert "denoising" in proc.stderr and "100%" in proc.stderr  # tqdm's bar, on stderr
     assert proc.stdout == ""
 
@@ -114,7 +134,7 @@ def test_hub_repo_id_from_an_on_disk_cache(tmp_path, hub, inputs) -> None:
     out = tmp_path / "out.png"
     proc = run_pbe(paint_args(inputs, out, "someone/tiny"), HF_HUB_CACHE=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr
-    assert Image.open(out).size == (WIDTH, HEIGHT)
+    assert read_image(out).shape == (HEIGHT, WIDTH, 3)
 
 
 def test_unreachable_hub_says_how_to_use_a_local_copy(tmp_path, inputs) -> None:
@@ -155,27 +175,27 @@ def test_convert(tmp_path, hub, inputs, capsys) -> None:
 def test_num_images_writes_numbered_files(tmp_path, hub, inputs, capsys) -> None:
     assert main(paint_args(inputs, tmp_path / "out.png", hub, "--num-images", "2", "--seed", "3")) == 0
     assert folder_files(tmp_path) == {"out-0.png", "out-1.png"}
-    first, second = (np.asarray(Image.open(tmp_path / f"out-{i}.png")) for i in range(2))
+    first, second = (read_image(tmp_path / f"out-{i}.png") for i in range(2))
     assert first.shape == second.shape == (HEIGHT, WIDTH, 3)
     assert not np.array_equal(first, second)  # two different noise draws
-    assert "--num-images 2" in capsys.readouterr().err
+    assert flag_value(repeat_command(capsys.readouterr().err), "--num-images") == "2"
 
 
 def test_keep_unmasked_keeps_the_pixels_outside_the_mask(tmp_path, hub, inputs, capsys) -> None:
     out = tmp_path / "out.png"
     assert main(paint_args(inputs, out, hub, "--keep-unmasked", "--seed", "0")) == 0
-    painted, original = np.asarray(Image.open(out)), np.asarray(Image.open(inputs["image"]))
-    keep = np.asarray(Image.open(inputs["mask"])) < 128
+    painted, original = read_image(out), read_image(inputs["image"])
+    keep = read_image(inputs["mask"]) < 128
     assert np.array_equal(painted[keep], original[keep])
     assert not np.array_equal(painted[~keep], original[~keep])
-    assert "--keep-unmasked --mask-blur 0.0" in capsys.readouterr().err
+    repeat = repeat_command(capsys.readouterr().err)
+    assert "--keep-unmasked" in repeat and flag_value(repeat, "--mask-blur") == "0.0"
 
 
 def test_the_printed_command_repeats_a_run_with_a_fresh_seed(tmp_path, hub, inputs, capsys) -> None:
     assert main(paint_args(inputs, tmp_path / "first.png", hub, "--scheduler", "ddim", "--guidance", "2.5")) == 0
-    repeat = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("to repeat this run: "))
-    command = shlex.split(repeat.removeprefix("to repeat this run: "))
-    assert command[:2] == ["pbe", "paint"] and command[command.index("--seed") + 1].isdigit()
+    command = repeat_command(capsys.readouterr().err)
+    assert command[:2] == ["pbe", "paint"] and flag_value(command, "--seed").isdigit()
     assert main(command[1:] + ["-o", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "first.png").read_bytes()
 
@@ -188,17 +208,19 @@ def test_the_printed_command_repeats_a_run_with_a_fresh_seed(tmp_path, hub, inpu
         (["--guidance", "nan"], 2, "--guidance: expected a finite number"),
         (["--seed", "-1"], 2, "--seed: expected an integer"),
         (["--mask-blur", "2"], 2, "--mask-blur only applies with --keep-unmasked"),
-        (["-o", "{tmp}/out.gif"], 2, "expected a file name ending in .png"),
+        (["-o", ("tmp", "out.gif")], 2, "expected a file name ending in .png"),
         (["--device", "gpu"], 2, "--device gpu: expected cpu, cuda"),
-        (["--mask", "{example}"], 1, "must be the same size"),
-        (["--mask", "{tmp}/not-an-image.png"], 1, "--mask: cannot read image file"),
-        (["--example", "{tmp}/missing.png"], 1, "--example: image file not found"),
-        (["--checkpoint", "{tmp}/missing.ckpt"], 1, "no such file or folder"),
+        (["--mask", ("example",)], 1, "must be the same size"),
+        (["--mask", ("tmp", "not-an-image.png")], 1, "--mask: cannot read image file"),
+        (["--example", ("tmp", "missing.png")], 1, "--example: image file not found"),
+        (["--checkpoint", ("tmp", "missing.ckpt")], 1, "no such file or folder"),
     ],
 )
 def test_bad_arguments_are_one_error_line(tmp_path, hub, inputs, capsys, extra, status, message) -> None:
     (tmp_path / "not-an-image.png").write_text("not a PNG")
-    extra = [arg.format(tmp=tmp_path, example=inputs["example"]) for arg in extra]  # argparse: the last one wins
+    # A path is written (folder, *parts): "tmp" is this test's folder, another name one of the input files.
+    extra = [arg if isinstance(arg, str) else str((tmp_path if arg[0] == "tmp" else inputs[arg[0]]).joinpath(*arg[1:]))
+             for arg in extra]  # argparse: the last one wins
     assert main(paint_args(inputs, tmp_path / "out.png", hub, *extra)) == status
     err = capsys.readouterr().err
     assert_one_error_line(err)
