@@ -1,4 +1,4 @@
-"""Paint by Example end to end, in five stages: checks -> inputs -> example encoding -> denoising -> decoding.
+"""Paint by Example end to end, in five stages: checks -> inputs -> example encoding -> denoising -> decoding/output.
 
 Same semantics, same random draws in the same order, as diffusers' ``PaintByExamplePipeline`` (the parity reference):
 1. initial noise ``randn(B * n, 4, h, w)`` times the scheduler's ``init_noise_sigma``,
@@ -82,6 +82,7 @@ def _resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -
 
 
 def _resolve_device(device: Device | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` (None stays None), or a ValueError naming it."""
     try:
         return None if device is None else torch.device(device)
     except (RuntimeError, TypeError):
@@ -129,7 +130,7 @@ class PaintByExample:
         config = json.loads(scheduler_json.read_text()) if scheduler_json and scheduler_json.is_file() else None
         return cls(networks.unet, networks.vae, networks.image_encoder, scheduler, scheduler_config=config)
 
-    # ---- where the networks live --------------------------------------------------------------------------------------
+    # ---- where the networks live -------------------------------------------------------------------------------------
 
     @property
     def networks(self) -> tuple[UNet, AutoencoderKL, ImageEncoder]:
@@ -175,7 +176,7 @@ class PaintByExample:
             network.to(device=target_device, dtype=target_dtype)
         return self
 
-    # ---- the stages ---------------------------------------------------------------------------------------------------
+    # ---- the stages --------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(
@@ -208,7 +209,9 @@ class PaintByExample:
         """
         self._check_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, output_type, callback_steps,
                               keep_unmasked, mask_blur, unsupported)
-        sched = make_scheduler(scheduler, self.scheduler_config) if isinstance(scheduler, str) else (scheduler or self.scheduler)
+        if isinstance(scheduler, str):
+            scheduler = make_scheduler(scheduler, self.scheduler_config)
+        sched = scheduler or self.scheduler
         n, guided = num_images_per_prompt, guidance_scale > 1.0
 
         inputs = self._prepare_inputs(image, mask_image)
@@ -219,7 +222,7 @@ class PaintByExample:
         masked_latents, latent_mask = self._masked_image_latents(inputs, n, generator=generator)
 
         latents = self._denoise(
-            sched, timesteps, latents, masked_latents, latent_mask, context,
+            sched, timesteps, latents, masked_latents=masked_latents, latent_mask=latent_mask, context=context,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, generator=generator,
             callback=callback, callback_steps=callback_steps, progress=progress,
         )
@@ -236,7 +239,8 @@ class PaintByExample:
         if refused:
             raise TypeError(f"{refused[0]}: {REFUSED_ARGUMENTS[refused[0]]}")
         if unsupported:
-            raise TypeError(f"PaintByExample.__call__() got unexpected keyword arguments: {', '.join(sorted(unsupported))}")
+            raise TypeError(f"PaintByExample.__call__() got unexpected keyword arguments: "
+                            f"{', '.join(sorted(unsupported))}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps: expected a positive integer, got {steps!r}")
         if not isinstance(n, int) or n < 1:
@@ -283,7 +287,8 @@ class PaintByExample:
 
     def _initial_latents(self, inputs: PreparedInputs, n: int, init_noise_sigma: float, *,
                          generator: torch.Generator | None, latents: torch.Tensor | None) -> torch.Tensor:
-        """Stage 4a, random draw 1: unit Gaussian noise (or the caller's ``latents``) times ``init_noise_sigma``."""
+        """Stage 4, denoising, its starting point. Random draw 1: unit Gaussian noise (or the caller's ``latents``)
+        times ``init_noise_sigma``, in the UNet's dtype and on its device."""
         device, dtype = _placement(self.unet)
         factor = self.vae.config.downscale
         height, width = inputs.pixels.shape[-2:]
@@ -296,9 +301,10 @@ class PaintByExample:
 
     def _masked_image_latents(self, inputs: PreparedInputs, n: int, *,
                               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 4b, random draw 2: the masked image's latent and the latent-size keep mask, for the UNet.
+        """Stage 4, denoising, what conditions every step: the masked image's latent and the latent-size keep mask.
 
-        The latent is a sample of the autoencoder's posterior, not its mean, drawn in the autoencoder's dtype.
+        Random draw 2: the latent is a sample of the autoencoder's posterior, not its mean, drawn in the autoencoder's
+        dtype; both are then handed over in the UNet's dtype and on its device.
         """
         vae_device, vae_dtype = _placement(self.vae)
         unet_device, unet_dtype = _placement(self.unet)
@@ -314,10 +320,10 @@ class PaintByExample:
         sched: Scheduler,
         timesteps: torch.Tensor,
         latents: torch.Tensor,
+        *,
         masked_latents: torch.Tensor,
         latent_mask: torch.Tensor,
         context: torch.Tensor,
-        *,
         num_inference_steps: int,
         guidance_scale: float,
         eta: float,
@@ -326,7 +332,7 @@ class PaintByExample:
         callback_steps: int,
         progress: bool,
     ) -> torch.Tensor:
-        """Stage 5: the denoising loop. The UNet sees [noisy latent, masked-image latent, keep mask] along channels."""
+        """Stage 4, denoising, the loop. The UNet sees [noisy latent, masked-image latent, keep mask] along channels."""
         order = getattr(sched, "order", 1)  # diffusers' meaning: model evaluations per reported step
         warmup = len(timesteps) - num_inference_steps * order
         # Every step allocates the same tensors again: keep freed memory for the next step instead of taking fresh
@@ -348,7 +354,7 @@ class PaintByExample:
 
     def _decode(self, latents: torch.Tensor, inputs: PreparedInputs, n: int, *, output_type: str,
                 keep_unmasked: bool, mask_blur: float) -> PaintByExampleOutput:
-        """Stage 6: latents -> images in [0, 1] (in the autoencoder's dtype), pasted back if asked, cropped, converted."""
+        """Stage 5: latents -> images in [0, 1] in the autoencoder's dtype, pasted back if asked, cropped, converted."""
         device, dtype = _placement(self.vae)
         decoded = self.vae.decode(latents.to(device, dtype) / self.vae.config.scaling_factor)
         result = (decoded / 2 + 0.5).clamp(0, 1)

@@ -195,13 +195,13 @@ def test_every_keyword_of_diffusers_call_is_taken_or_refused_with_a_reason() -> 
     assert theirs - ours == set(REFUSED_ARGUMENTS)
 
 
-# ---- dtypes and devices ------------------------------------------------------------------------------------------------
+# ---- dtypes and devices ----------------------------------------------------------------------------------------------
 
 
 def test_the_reference_example_runs_as_written() -> None:
     """diffusers' PaintByExamplePipeline example, with its import changed to pbe, pbe's bundled pictures for the
-    downloads, the tiny stand-in for the hub repo, "cuda" swapped for "cpu", and 512 px / 50 steps cut to 64 px / 2 steps
-    (fp16 on a CPU without fp16 kernels is emulated, and slow)."""
+    downloads, the tiny stand-in for the hub repo, "cuda" swapped for "cpu", and 512 px / 50 steps cut to 64 px /
+    2 steps (fp16 on a CPU without fp16 kernels is emulated, and slow)."""
     from pbe import PaintByExample as PaintByExamplePipeline
 
     def download_image(url):
