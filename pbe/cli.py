@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from weights_convert import command as convert_command
+
 from . import __version__, images
-from .checkpoint import CheckpointError
+from .checkpoint import DTYPES
+from .errors import COMMAND_ERRORS, error_line
 from .files import write_atomically
 from .loading import DEFAULT_REPO
 from .pipeline import PaintByExample
@@ -27,7 +30,6 @@ from .pipeline import PaintByExample
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # output suffix -> Pillow format
 
 
@@ -62,11 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     paint.add_argument("--mask-blur", type=float, default=0.0,
                        help="with --keep-unmasked: feather the seam by this many pixels (default 0: hard edge)")
 
-    convert = commands.add_parser("convert", help="convert a checkpoint to pbe's native .safetensors")
-    convert.add_argument("src", type=Path, help="hub-layout folder, or original model.ckpt / original-layout .safetensors")
-    convert.add_argument("out", type=Path, help="the native .safetensors file to write")
-    convert.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written tensors")
-    convert.add_argument("--config", type=Path, default=None, help="pbe config JSON for a non-official original checkpoint")
+    convert_command.add_arguments(commands.add_parser("convert", help="convert a checkpoint to pbe's native .safetensors",
+                                                      description=convert_command.DESCRIPTION))
     return parser
 
 
@@ -169,13 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "convert":
-            from weights_convert.__main__ import run
-
-            return run(args.src, args.out, args.dtype, args.config)
+            return convert_command.run(args)
         return _paint(args)
-    except (CheckpointError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as err:
-        # One line: torch's messages (out of memory, an op missing for a dtype) may span several.
-        print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
+    except COMMAND_ERRORS as err:
+        print(error_line(err), file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
