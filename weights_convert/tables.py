@@ -92,6 +92,32 @@ def _clip_tower(config: ImageEncoderConfig, towers: tuple[str, ...]) -> list[Rul
     return rules
 
 
+def _vae_middles(prefix: str, res_names: dict[str, str], *, norm_out: str, res: tuple[str, str],
+                 attn_norm: str) -> list[Rule]:
+    """The encoder's and the decoder's output norm and middle block (its attention projections excepted): a layout
+    keeps them under ``{prefix}encoder.`` / ``{prefix}decoder.`` with these names."""
+    rules = []
+    for part in ("encoder", "decoder"):
+        theirs = f"{prefix}{part}"
+        rules += [rule(f"{part}.norm_out", f"{theirs}.{norm_out}"), rule(f"{part}.mid.attn.norm", f"{theirs}.{attn_norm}")]
+        rules += _renamed(f"{part}.mid.res1", f"{theirs}.{res[0]}", res_names)
+        rules += _renamed(f"{part}.mid.res2", f"{theirs}.{res[1]}", res_names)
+    return rules
+
+
+def _vae_levels(config: AutoencoderConfig, res_names: dict[str, str], *, down: Callable[[int], str],
+                up: Callable[[int], str], res: str, downsample: str, upsample: str) -> list[Rule]:
+    """The autoencoder's levels. ``down(i)`` / ``up(i)``: where a layout keeps OUR encoder / decoder level ``i``;
+    ``res``, ``downsample``, ``upsample``: its names for a level's res-block list and resampler."""
+    rules = []
+    for i in range(len(config.channels)):
+        for ours, theirs, n, resample in [(f"encoder.down.{i}", down(i), config.res_blocks, downsample),
+                                          (f"decoder.up.{i}", up(i), config.res_blocks + 1, upsample)]:
+            rules += [r for j in range(n) for r in _renamed(f"{ours}.res.{j}", f"{theirs}.{res}.{j}", res_names)]
+            rules.append(rule(f"{ours}.resample.conv", f"{theirs}.{resample}.conv"))
+    return rules
+
+
 # ---- layout "diffusers": the hub repo's three folders -----------------------------------------------------------------
 
 def diffusers_unet_rules(config: UNetConfig) -> list[Rule]:
@@ -114,27 +140,18 @@ def diffusers_unet_rules(config: UNetConfig) -> list[Rule]:
 
 def diffusers_vae_rules(config: AutoencoderConfig) -> list[Rule]:
     """Our autoencoder's modules -> their place in a diffusers ``vae/`` state dict."""
-    levels, n_res = len(config.channels), config.res_blocks
     rules = [rule(name, name) for name in _VAE_CONVS]
+    rules += _vae_middles("", _DIFFUSERS_VAE_RES, norm_out="conv_norm_out", res=("mid_block.resnets.0", "mid_block.resnets.1"),
+                          attn_norm="mid_block.attentions.0.group_norm")
     for part in ("encoder", "decoder"):
-        mid, attn = f"{part}.mid_block", f"{part}.mid_block.attentions.0"
-        rules.append(rule(f"{part}.norm_out", f"{part}.conv_norm_out"))
-        rules += _renamed(f"{part}.mid.res1", f"{mid}.resnets.0", _DIFFUSERS_VAE_RES)
-        rules += _renamed(f"{part}.mid.res2", f"{mid}.resnets.1", _DIFFUSERS_VAE_RES)
-        rules.append(rule(f"{part}.mid.attn.norm", f"{attn}.group_norm"))
+        attn = f"{part}.mid_block.attentions.0"
         # Hub files written before diffusers 0.14 spell the attention query/key/value/proj_attn.
         rules += [rule(f"{part}.mid.attn.{a}", f"{attn}.{b}", f"{attn}.{old}")
                   for a, b, old in [("to_q", "to_q", "query"), ("to_k", "to_k", "key"), ("to_v", "to_v", "value"),
                                     ("to_out", "to_out.0", "proj_attn")]]
-    for i in range(levels):
-        down, up = f"encoder.down_blocks.{i}", f"decoder.up_blocks.{i}"
-        rules += [r for j in range(n_res) for r in _renamed(f"encoder.down.{i}.res.{j}", f"{down}.resnets.{j}",
-                                                            _DIFFUSERS_VAE_RES)]
-        rules += [r for j in range(n_res + 1) for r in _renamed(f"decoder.up.{i}.res.{j}", f"{up}.resnets.{j}",
-                                                                _DIFFUSERS_VAE_RES)]
-        rules.append(rule(f"encoder.down.{i}.resample.conv", f"{down}.downsamplers.0.conv"))
-        rules.append(rule(f"decoder.up.{i}.resample.conv", f"{up}.upsamplers.0.conv"))
-    return rules
+    return rules + _vae_levels(config, _DIFFUSERS_VAE_RES, down=lambda i: f"encoder.down_blocks.{i}",
+                               up=lambda i: f"decoder.up_blocks.{i}", res="resnets", downsample="downsamplers.0",
+                               upsample="upsamplers.0")
 
 
 def diffusers_image_encoder_rules(config: ImageEncoderConfig) -> list[Rule]:
@@ -182,28 +199,18 @@ def ldm_unet_rules(config: UNetConfig) -> list[Rule]:
 
 def ldm_vae_rules(config: AutoencoderConfig) -> list[Rule]:
     """Our autoencoder's modules -> their place under LDM's ``first_stage_model.``."""
-    levels, n_res = len(config.channels), config.res_blocks
+    levels = len(config.channels)
     p = "first_stage_model"
     rules = [rule(name, f"{p}.{name}") for name in _VAE_CONVS]
+    rules += _vae_middles(f"{p}.", _LDM_VAE_RES, norm_out="norm_out", res=("mid.block_1", "mid.block_2"),
+                          attn_norm="mid.attn_1.norm")
     for part in ("encoder", "decoder"):
-        mid, attn = f"{p}.{part}.mid", f"{p}.{part}.mid.attn_1"
-        rules.append(rule(f"{part}.norm_out", f"{p}.{part}.norm_out"))
-        rules += _renamed(f"{part}.mid.res1", f"{mid}.block_1", _LDM_VAE_RES)
-        rules += _renamed(f"{part}.mid.res2", f"{mid}.block_2", _LDM_VAE_RES)
-        rules.append(rule(f"{part}.mid.attn.norm", f"{attn}.norm"))
-        rules += [rule(f"{part}.mid.attn.{a}", f"{attn}.{b}", transform=Transform.CONV1X1_TO_LINEAR)
+        rules += [rule(f"{part}.mid.attn.{a}", f"{p}.{part}.mid.attn_1.{b}", transform=Transform.CONV1X1_TO_LINEAR)
                   for a, b in [("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out", "proj_out")]]
-    for i in range(levels):
-        down = f"{p}.encoder.down.{i}"
-        # Reference quirk: LDM numbers the decoder's levels from the finest (up.0) while it runs them deepest first.
-        up = f"{p}.decoder.up.{levels - 1 - i}"
-        rules += [r for j in range(n_res) for r in _renamed(f"encoder.down.{i}.res.{j}", f"{down}.block.{j}",
-                                                            _LDM_VAE_RES)]
-        rules += [r for j in range(n_res + 1) for r in _renamed(f"decoder.up.{i}.res.{j}", f"{up}.block.{j}",
-                                                                _LDM_VAE_RES)]
-        rules.append(rule(f"encoder.down.{i}.resample.conv", f"{down}.downsample.conv"))
-        rules.append(rule(f"decoder.up.{i}.resample.conv", f"{up}.upsample.conv"))
-    return rules
+    # Reference quirk: LDM numbers the decoder's levels from the finest (up.0) while it runs them deepest first.
+    return rules + _vae_levels(config, _LDM_VAE_RES, down=lambda i: f"{p}.encoder.down.{i}",
+                               up=lambda i: f"{p}.decoder.up.{levels - 1 - i}", res="block", downsample="downsample",
+                               upsample="upsample")
 
 
 def ldm_image_encoder_rules(config: ImageEncoderConfig) -> list[Rule]:
