@@ -1,6 +1,7 @@
 """The ``pbe`` command: ``pbe paint ...`` paints an image, ``pbe convert SRC OUT`` converts a checkpoint.
 
-``pbe paint`` prints, on stderr, the full command line that repeats the run (its seed included), then the progress bar.
+``pbe paint`` prints, on stderr, the device and dtype it runs on (``auto``, the default, resolved: see pbe.devices) and
+the full command line that repeats the run (its seed, device and dtype included), then the progress bar.
 Outputs are written atomically (a temporary file in the same folder, then a rename): a failed run leaves nothing
 under the output name. Errors end with one ``error: ...`` line on stderr, never a traceback: exit status 2 for bad
 arguments (as argparse's own errors), 1 for everything else (missing or unreadable files, checkpoints, devices).
