@@ -1,7 +1,11 @@
-"""pbe's native checkpoint: ONE ``.safetensors`` file holding all three networks, configs in its metadata.
+"""pbe's native checkpoint, and what every checkpoint reader shares: the networks it holds, the safetensors reader.
 
-Keys are ``unet.*``, ``vae.*`` and ``image_encoder.*`` in pbe's own names. Writing is atomic (a temporary file in the
-same folder, then a rename), so a failure never leaves half a file under the final name.
+The native file is ONE ``.safetensors`` file holding all three networks, configs in its metadata. Keys are
+``unet.*``, ``vae.*`` and ``image_encoder.*`` in pbe's own names. Writing is atomic (a temporary file in the same
+folder, then a rename), so a failure never leaves half a file under the final name.
+
+This module sits below the converter (``weights_convert``) and the loader (``pbe.loading``): it imports only
+``pbe.model``, ``pbe.errors`` and ``pbe.files``.
 """
 
 from __future__ import annotations
@@ -11,19 +15,31 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
+from .errors import CheckpointError
 from .files import write_atomically
+from .model import AutoencoderKL, ImageEncoder, UNet
 from .model.config import AutoencoderConfig, CLIPVisionConfig, ImageEncoderConfig, PaintByExampleConfig, UNetConfig
+
+__all__ = ["DTYPES", "NETWORK_CLASSES", "NETWORK_NAMES", "CheckpointError", "config_from_json", "config_to_json",
+           "is_native", "meta_network", "read_native", "read_safetensors", "save_native"]
 
 FORMAT = "pbe"
 FORMAT_VERSION = "1"
-NETWORK_NAMES = ("unet", "vae", "image_encoder")
+# The three networks of a checkpoint, by the name that is both their key prefix and their PaintByExampleConfig field.
+NETWORK_CLASSES: dict[str, type[nn.Module]] = {"unet": UNet, "vae": AutoencoderKL, "image_encoder": ImageEncoder}
+NETWORK_NAMES = tuple(NETWORK_CLASSES)
+# The dtype names the commands take, for network precision (``pbe paint``) and written tensors (``pbe convert``).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or converted; the message names the file and the problem."""
+def meta_network(name: str, config: PaintByExampleConfig) -> nn.Module:
+    """One of the three networks built on the meta device: its parameter names and shapes, and no memory."""
+    with torch.device("meta"):
+        return NETWORK_CLASSES[name](getattr(config, name))
 
 
 def config_to_json(config: PaintByExampleConfig) -> str:
@@ -38,6 +54,21 @@ def config_from_json(text: str) -> PaintByExampleConfig:
     enc = raw["image_encoder"]
     image_encoder = ImageEncoderConfig(**{**enc, "clip": CLIPVisionConfig(**enc["clip"])})
     return PaintByExampleConfig(unet=unet, vae=vae, image_encoder=image_encoder)
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file: the ONE safetensors reader of pbe and weights_convert.
+
+    The tensors are views of one private (copy-on-write) memory map of the file, made by safetensors itself
+    (measured with safetensors 0.8: every tensor's data lies in the file's mapping, and writing to one leaves the file
+    unchanged). Nothing is read until a tensor is used, and nothing is copied: loading costs no time and no memory
+    beyond the pages touched. Raises ``CheckpointError`` naming the file for anything unreadable (truncated too).
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def is_native(path: str | Path) -> bool:
@@ -67,44 +98,20 @@ def save_native(
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def _mapped_tensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a safetensors file, the tensors being views of ONE private memory map of it.
-
-    Nothing is read until a tensor is used (the OS pages it in), and no copy is made: loading costs no time and no
-    memory beyond the pages touched. The map is copy-on-write, so writing to a tensor never changes the file.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    metadata = header.pop("__metadata__", {}) or {}
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    data_start = 8 + header_len
-    tensors = {}
-    for key, info in header.items():
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        flat = torch.empty(0, dtype=torch.uint8).set_(storage, data_start + begin, (end - begin,))
-        tensors[key] = flat.view(dtype).view(info["shape"])
-    return metadata, tensors
-
-
 def read_native(path: str | Path) -> tuple[PaintByExampleConfig, dict[str, dict[str, torch.Tensor]]]:
     """Configs and per-network state dicts of a native checkpoint; tensors are memory-mapped views of the file."""
     path = Path(path)
-    try:
-        metadata, tensors = _mapped_tensors(path)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: not a readable pbe native checkpoint ({err})") from None
+    tensors, metadata = read_safetensors(path)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a pbe native checkpoint")
-    config = config_from_json(metadata["config"])
+    try:
+        config = config_from_json(metadata["config"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: a pbe native checkpoint with an unreadable config ({err!r})") from None
     state_dicts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in NETWORK_NAMES}
     for key, tensor in tensors.items():
         network, _, name = key.partition(".")
+        if network not in state_dicts:
+            raise CheckpointError(f"{path}: unexpected key {key!r} (a native checkpoint holds {', '.join(NETWORK_NAMES)})")
         state_dicts[network][name] = tensor
     return config, state_dicts

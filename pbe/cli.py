@@ -1,6 +1,7 @@
 """The ``pbe`` command: ``pbe paint ...`` paints an image, ``pbe convert SRC OUT`` converts a checkpoint.
 
-``pbe paint`` prints, on stderr, the full command line that repeats the run (its seed included), then the progress bar.
+``pbe paint`` prints, on stderr, the device and dtype it runs on (``auto``, the default, resolved: see pbe.devices) and
+the full command line that repeats the run (its seed, device and dtype included), then the progress bar.
 Outputs are written atomically (a temporary file in the same folder, then a rename): a failed run leaves nothing
 under the output name. Errors end with one ``error: ...`` line on stderr, never a traceback: exit status 2 for bad
 arguments (as argparse's own errors), 1 for everything else (missing or unreadable files, checkpoints, devices).
@@ -18,8 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import __version__, images
-from .checkpoint import CheckpointError
+from weights_convert import command as convert_command
+
+from . import __version__, devices, images
+from .checkpoint import DTYPES
+from .errors import COMMAND_ERRORS, error_line
 from .files import write_atomically
 from .loading import DEFAULT_REPO
 from .pipeline import PaintByExample
@@ -27,7 +31,6 @@ from .pipeline import PaintByExample
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # output suffix -> Pillow format
 
 
@@ -54,24 +57,25 @@ def _parser() -> argparse.ArgumentParser:
                        help="classifier-free guidance scale; 1 or less turns guidance off (default 5)")
     paint.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
     paint.add_argument("--scheduler", choices=("pndm", "ddim", "lms"), default="pndm", help="sampler (default pndm)")
-    paint.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="network precision (default fp32)")
-    paint.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    paint.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                       help="network precision; auto: fp16 on a GPU, bf16 on a CPU with bfloat16 instructions "
+                            "(AVX-512-BF16, AMX), fp32 on other CPUs (default auto)")
+    paint.add_argument("--device", default="auto",
+                       help="auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps (default auto)")
     paint.add_argument("--num-images", type=int, default=1, help="images to paint (default 1)")
     paint.add_argument("--keep-unmasked", action="store_true",
                        help="paste the input back outside the mask (the model alone shifts its colours slightly)")
     paint.add_argument("--mask-blur", type=float, default=0.0,
                        help="with --keep-unmasked: feather the seam by this many pixels (default 0: hard edge)")
 
-    convert = commands.add_parser("convert", help="convert a checkpoint to pbe's native .safetensors")
-    convert.add_argument("src", type=Path, help="hub-layout folder, or original model.ckpt / original-layout .safetensors")
-    convert.add_argument("out", type=Path, help="the native .safetensors file to write")
-    convert.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written tensors")
-    convert.add_argument("--config", type=Path, default=None, help="pbe config JSON for a non-official original checkpoint")
+    convert_command.add_arguments(commands.add_parser("convert", help="convert a checkpoint to pbe's native .safetensors",
+                                                      description=convert_command.DESCRIPTION))
     return parser
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
-    """Reject bad values before anything slow happens (UsageError: exit 2)."""
+def _check_arguments(args: argparse.Namespace) -> str:
+    """Reject bad values before anything slow happens (UsageError: exit 2), then settle an ``auto`` device and dtype:
+    returns the line that says which run."""
     if args.steps < 1:
         raise UsageError(f"--steps: expected a positive integer, got {args.steps}")
     if args.num_images < 1:
@@ -89,28 +93,33 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.output.is_dir():
         raise UsageError(f"-o {args.output}: is a folder; give a file name such as {args.output / 'painted.png'}")
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device}: expected cpu, cuda, cuda:N or mps") from None
+        device = devices.resolve_device(args.device)
+    except ValueError:
+        raise UsageError(f"--device {args.device}: expected auto, cpu, cuda, cuda:N or mps") from None
     if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {args.device}: expected cpu, cuda, cuda:N or mps")
+        raise UsageError(f"--device {args.device}: expected auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here (PyTorch {torch.__version__})")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {args.device}: MPS is not available here")
-    if device.type == "cpu" and args.dtype == "fp16" and not _cpu_has_fast_fp16():
-        raise ValueError("--dtype fp16 on the CPU: PyTorch has no fast half-precision convolution for this CPU (it runs "
-                         "hundreds of times slower than fp32); use --dtype bf16 or fp32 on the CPU, fp16 on a GPU")
+    if args.dtype != "auto":
+        try:
+            devices.check_precision(device, DTYPES[args.dtype], refuse=True, way_out="use --dtype fp32 (or auto)")
+        except ValueError as err:
+            raise UsageError(f"--dtype {args.dtype}: {err}") from None
+    return _choose_device_and_dtype(args, device)
 
 
-def _cpu_has_fast_fp16() -> bool:
-    """Whether oneDNN has fp16 kernels for this CPU (AVX512-FP16 / AMX-FP16); without them fp16 conv is a slow loop."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):  # a private probe: if it is gone, assume the common case
-        return False
+def _choose_device_and_dtype(args: argparse.Namespace, device: torch.device) -> str:
+    """Replace ``auto`` by the concrete choice (what runs and what the repeat command names); returns what it is."""
+    choice = f"device {device}{' (auto)' if args.device == 'auto' else ''}"
+    args.device = str(device)
+    if args.dtype == "auto":
+        args.dtype = next(name for name, dtype in DTYPES.items() if dtype == devices.default_dtype(device))
+        return choice + f", dtype {args.dtype} (auto: the fast precision on {device.type})"
+    return choice + f", dtype {args.dtype}"
 
 
 def _repeat_command(args: argparse.Namespace, seed: int) -> str:
@@ -143,7 +152,7 @@ def _save_atomically(image: Image, path: Path) -> None:
 
 
 def _paint(args: argparse.Namespace) -> int:
-    _check_arguments(args)
+    choice = _check_arguments(args)
     inputs = {name: _load_image(name, getattr(args, name)) for name in ("image", "mask", "example")}
     if inputs["image"].size != inputs["mask"].size:
         raise ValueError(f"--mask is {'x'.join(map(str, inputs['mask'].size))} pixels but --image is "
@@ -151,6 +160,7 @@ def _paint(args: argparse.Namespace) -> int:
     if inputs["mask"].convert("L").getextrema()[1] < 128:  # repaint where mask / 255 > 0.5
         print(f"warning: {args.mask} has no white pixels: nothing will be repainted", file=sys.stderr)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    print(choice, file=sys.stderr)
     print(f"to repeat this run: {_repeat_command(args, seed)}", file=sys.stderr)
 
     pipe = PaintByExample.from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device,
@@ -169,13 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "convert":
-            from weights_convert.__main__ import run
-
-            return run(args.src, args.out, args.dtype, args.config)
+            return convert_command.run(args)
         return _paint(args)
-    except (CheckpointError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as err:
-        # One line: torch's messages (out of memory, an op missing for a dtype) may span several.
-        print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
+    except COMMAND_ERRORS as err:
+        print(error_line(err), file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,6 +11,14 @@ Three conversions reproduce the reference (diffusers' ``PaintByExamplePipeline``
 Beyond the reference: ``load_image`` with clear errors, ``pad_to_multiple`` / ``crop`` for sizes that are not a
 multiple of 8, and ``paste_back`` to keep the unmasked pixels exactly (optionally with a feathered seam).
 
+Every image a user has, read the same way by the API and the CLI (where the reference differs, it is wrong for these
+inputs; for 8-bit, upright, opaque inputs nothing changes):
+
+* EXIF orientation is applied to every PIL input (image, mask, example), whether opened by ``load_image`` or not.
+* 16-bit and float images are scaled to 8 bits instead of clipped (``to_8bit``); Pillow turns a 16-bit PNG white.
+* A mask with transparency is read composited over black: transparent = keep, opaque white = repaint (an RGBA mask
+  whose strokes live only in the alpha channel repaints the strokes, not the whole picture).
+
 Mask vocabulary: the user's mask is a ``repaint_mask`` (white / 1 = paint here); the model consumes its inverse, the
 ``keep_mask`` (1 = keep). Every public function names which one it takes or returns.
 """
@@ -98,6 +106,92 @@ def _check_finite_range(tensor: torch.Tensor, *, name: str, low: float, high: fl
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Every image a user has: orientation, bit depth, transparency
+# --------------------------------------------------------------------------------------------------------------------
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # unsigned 16-bit greyscale (PNG, TIFF)
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")  # modes with an alpha band ("RGBa", "La": premultiplied)
+
+
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """``image`` turned the way its EXIF (or XMP) orientation tag says it is displayed.
+
+    The returned image carries no orientation tag any more, so applying this twice is the same as once: every PIL
+    input of pbe passes through here, including those already opened by ``load_image``.
+    """
+    return PIL.ImageOps.exif_transpose(image)
+
+
+def _array_to_uint8(array: np.ndarray, *, name: str) -> np.ndarray:
+    """uint8 as is; uint16 to ``round(x / 257)`` (65535 -> 255); float in [0, 1] to ``round(x * 255)``."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16 in either byte order
+        # round(x / 257) in integers: the exact inverse of the 8 -> 16 bit widening v * 257.
+        return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if array.dtype.kind == "f":
+        if array.size and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+            raise ValueError(
+                f"`{name}` as a float array must be in [0, 1], got values in [{np.nanmin(array):g}, "
+                f"{np.nanmax(array):g}] ({_describe(array)}); divide a 0..255 array by 255 or cast it to uint8"
+            )
+        return np.round(array * np.float32(255)).astype(np.uint8)
+    raise TypeError(f"`{name}` as a numpy array must be uint8, uint16 or float in [0, 1], got {_describe(array)}")
+
+
+def _pil_to_8bit(image: PIL.Image.Image, *, name: str) -> PIL.Image.Image:
+    """Wide single-band modes to "L" without clipping (see ``to_8bit``); other modes are returned as they are."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return PIL.Image.fromarray(_array_to_uint8(np.asarray(image), name=name))
+    if image.mode not in ("I", "F") or image.width == 0 or image.height == 0:
+        return image
+    values = np.asarray(image)
+    low, high = values.min(), values.max()
+    if image.mode == "F" and 0 <= low and high <= 1:  # NaN fails every comparison and falls through to the error
+        return PIL.Image.fromarray(_array_to_uint8(values, name=name))
+    if 0 <= low and high <= 255:
+        # 8-bit data in a wide mode (what Pillow's convert("I") / convert("F") make): Pillow's own reading.
+        return image.convert("L")
+    if image.mode == "I" and 0 <= low and high <= 65535:
+        return PIL.Image.fromarray(_array_to_uint8(values.astype(np.uint16), name=name))
+    understood = "[0, 1] or [0, 255]" if image.mode == "F" else "[0, 255] or [0, 65535]"
+    raise ValueError(
+        f"`{name}`: cannot tell the brightness scale of a {_describe(image)} with values in [{low:g}, {high:g}]; "
+        f"values in {understood} are understood: rescale it to one of those first"
+    )
+
+
+def to_8bit(image: PixelImage, *, name: str = "image") -> PixelImage:
+    """An image with 8 bits per channel, scaled rather than clipped (Pillow's own conversion clips wide modes).
+
+    * PIL "I;16" (and its byte orders): ``round(x / 257)``, so 65535 is white. A 16-bit PNG opens in this mode.
+    * PIL "I" (32-bit integers): values in [0, 255] as they are (what ``convert("I")`` of an 8-bit image makes),
+      else values in [0, 65535] as 16-bit (older Pillow opened 16-bit PNGs as "I").
+    * PIL "F" (32-bit float): values in [0, 1] times 255, rounded (the float image convention); else values in
+      [0, 255] read as Pillow reads them (what ``convert("F")`` of an 8-bit image makes).
+    * numpy arrays: uint8 as is, uint16 as "I;16", float in [0, 1] as "F" in [0, 1]; no 0..255 float arrays.
+
+    The ranges overlap only for nearly black images (a 16-bit image with no value above 255, i.e. below 0.4%
+    brightness, or a 0..255 float image with no value above 1), which are read at the narrower scale.
+    Other PIL modes are returned unchanged (Pillow reads 16-bit colour PNGs as 8-bit "RGB"/"RGBA" already).
+
+    Raises:
+        ValueError: values outside every range understood (negative, NaN, or above the widest scale).
+        TypeError: a numpy array of another dtype.
+    """
+    if isinstance(image, PIL.Image.Image):
+        return _pil_to_8bit(image, name=name)
+    if isinstance(image, np.ndarray):
+        return _array_to_uint8(image, name=name)
+    raise TypeError(f"`{name}` must be a PIL image or a numpy array, got {_describe(image)}")
+
+
+def _has_transparency(image: PIL.Image.Image) -> bool:
+    """An alpha band, or a transparent colour / palette index (P, L and RGB images may carry one in ``info``)."""
+    return image.mode in _ALPHA_MODES or image.info.get("transparency") is not None
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -115,7 +209,7 @@ def load_image(path_or_image: str | os.PathLike[str] | PIL.Image.Image, *, mode:
         TypeError: ``path_or_image`` is neither a path nor a PIL image.
     """
     if isinstance(path_or_image, PIL.Image.Image):
-        image = PIL.ImageOps.exif_transpose(path_or_image)
+        image = upright(path_or_image)
     elif isinstance(path_or_image, (str, os.PathLike)):
         path = os.fspath(path_or_image)
         if not os.path.isfile(path):
@@ -123,7 +217,7 @@ def load_image(path_or_image: str | os.PathLike[str] | PIL.Image.Image, *, mode:
         try:
             with PIL.Image.open(path) as opened:
                 opened.load()  # decode now, so a truncated file fails here and not later
-                image = PIL.ImageOps.exif_transpose(opened)
+                image = upright(opened)
         except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
             raise OSError(f"cannot read image file {path!r}: {error}") from error
     else:
@@ -137,8 +231,9 @@ def load_image(path_or_image: str | os.PathLike[str] | PIL.Image.Image, *, mode:
 
 
 def _example_to_rgb(image: PixelImage, *, name: str) -> PIL.Image.Image:
-    """RGB conversion of transformers' ``convert_to_rgb`` (transparency is composited onto white)."""
+    """Upright, 8-bit, then transformers' ``convert_to_rgb`` (transparency is composited onto white)."""
     if isinstance(image, PIL.Image.Image):
+        image = to_8bit(upright(image), name=name)
         # Reference quirk: "has alpha" is tested by a band named "A", so the a* band of a "LAB" image counts too.
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
         if not has_alpha:
@@ -147,8 +242,7 @@ def _example_to_rgb(image: PixelImage, *, name: str) -> PIL.Image.Image:
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(white, rgba).convert("RGB")
 
-    if image.dtype != np.uint8:
-        raise TypeError(f"`{name}` as a numpy array must be uint8 (0..255), got {_describe(image)}")
+    image = to_8bit(image, name=name)
     if image.ndim == 2:
         image = image[:, :, None]
     channels = image.shape[-1]
@@ -196,9 +290,12 @@ def preprocess_example(example_image: ImageInput, *, size: int = CLIP_IMAGE_SIZE
     side floored to ``int(size * long / short)``, center crop with floored offsets, ``x * (1/255)`` then
     ``(x - mean) / std`` with the OpenAI CLIP mean/std.
 
-    Accepts a PIL image of any mode Pillow can convert to RGB, a uint8 numpy array (HxW, HxWx1, HxWx3, HxWx4,
-    always channels-last; a 4-D array is a batch), or a list of those. A torch.Tensor is taken as already
+    Accepts a PIL image of any mode Pillow can convert to RGB, a numpy array (HxW, HxWx1, HxWx3, HxWx4, always
+    channels-last; a 4-D array is a batch), or a list of those. A torch.Tensor is taken as already
     preprocessed pixel values (as in diffusers): shape (3, size, size) or (B, 3, size, size), returned as float32.
+
+    Beyond the reference: PIL images are turned upright (``upright``) and 16-bit / float images and arrays are scaled
+    to 8 bits (``to_8bit``) where transformers would clip them; 8-bit upright images give exactly its result.
     """
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"`size` must be a positive int, got {size!r}")
@@ -278,20 +375,20 @@ def _repaint_mask_from_tensor(mask_image: torch.Tensor, *, batch_size: int) -> t
 
 
 def _image_from_pixels(image: PixelImage | Sequence[PixelImage]) -> torch.Tensor:
-    """PIL images (any mode, converted to RGB) or uint8 HxWx3 arrays -> (B, 3, H, W) float32 in [-1, 1]."""
+    """PIL images (upright, 8-bit, then RGB) or HxWx3 arrays (via ``to_8bit``) -> (B, 3, H, W) float32 in [-1, 1]."""
     items = _as_list(image, name="image", single_ndims=(3,), batch_ndim=4)
     arrays = []
     for index, item in enumerate(items):
         item_name = "image" if len(items) == 1 else f"image[{index}]"
         if isinstance(item, PIL.Image.Image):
-            array = np.asarray(item.convert("RGB"))
-        elif item.dtype != np.uint8 or item.ndim != 3 or item.shape[-1] != 3:
+            array = np.asarray(to_8bit(upright(item), name=item_name).convert("RGB"))
+        elif item.ndim != 3 or item.shape[-1] != 3:
             raise ValueError(
-                f"`{item_name}` as a numpy array must be uint8 of shape (H, W, 3) (or (B, H, W, 3) for a batch), "
+                f"`{item_name}` as a numpy array must have shape (H, W, 3) (or (B, H, W, 3) for a batch), "
                 f"got {_describe(item)}"
             )
         else:
-            array = item
+            array = to_8bit(item, name=item_name)
         if arrays and array.shape != arrays[0].shape:
             raise ValueError(
                 f"all images in `image` must have the same size: `image[0]` is {arrays[0].shape[:2]} (H, W) but "
@@ -303,25 +400,41 @@ def _image_from_pixels(image: PixelImage | Sequence[PixelImage]) -> torch.Tensor
     return pixels.to(torch.float32) / 127.5 - 1.0
 
 
-def _repaint_mask_from_pixels(mask_image: PixelImage | Sequence[PixelImage]) -> torch.Tensor:
-    """PIL masks (converted to "L") or HxW arrays -> (N, 1, H, W) float32 in [0, 1], 1 = repaint.
+def _repaint_mask_from_pil(mask_image: PIL.Image.Image, *, name: str) -> torch.Tensor:
+    """One PIL mask -> (H, W) float32 in [0, 1], 1 = repaint: upright, 8-bit, grey, composited over black."""
+    mask_image = to_8bit(upright(mask_image), name=name)
+    if not _has_transparency(mask_image):
+        return torch.from_numpy(np.array(mask_image.convert("L"))).to(torch.float32) / 255.0
+    # Over black, a pixel's grey value is scaled by its opacity: transparent = 0 = keep, whatever its colour.
+    # Premultiplied modes and transparent palette indices / colours become a plain alpha band through "RGBA".
+    rgba = mask_image.convert("RGBA")
+    grey = torch.from_numpy(np.array(rgba.convert("L"))).to(torch.float32) / 255.0  # "RGBA" -> "L" ignores alpha
+    alpha = torch.from_numpy(np.array(rgba.getchannel("A"))).to(torch.float32) / 255.0
+    return grey * alpha  # opaque (alpha = 1.0 exactly): the reference's grey value, bit for bit
 
-    uint8 arrays are read like an "L" image (0..255, divided by 255); float arrays must already be in [0, 1];
-    bool arrays are True = repaint.
+
+def _repaint_mask_from_pixels(mask_image: PixelImage | Sequence[PixelImage]) -> torch.Tensor:
+    """PIL masks or HxW arrays -> (N, 1, H, W) float32 in [0, 1], 1 = repaint.
+
+    PIL masks: upright, 8-bit, grey ("L"), composited over black if they have transparency. uint8 arrays are read
+    like an "L" image (0..255, divided by 255), uint16 arrays like an "I;16" one (via ``to_8bit``); float arrays must
+    already be in [0, 1]; bool arrays are True = repaint.
     """
     items = _as_list(mask_image, name="mask_image", single_ndims=(2,), batch_ndim=3)
     masks = []
     for index, item in enumerate(items):
         item_name = "mask_image" if len(items) == 1 else f"mask_image[{index}]"
         if isinstance(item, PIL.Image.Image):
-            mask = torch.from_numpy(np.array(item.convert("L"))).to(torch.float32) / 255.0
-        elif item.dtype == np.uint8:
-            mask = torch.from_numpy(np.array(item)).to(torch.float32) / 255.0
+            mask = _repaint_mask_from_pil(item, name=item_name)
+        elif item.dtype == np.uint8 or (item.dtype.kind == "u" and item.dtype.itemsize == 2):
+            mask = torch.from_numpy(np.array(to_8bit(item, name=item_name))).to(torch.float32) / 255.0
         elif item.dtype == np.bool_ or np.issubdtype(item.dtype, np.floating):
             mask = torch.from_numpy(np.array(item, dtype=np.float32))
             _check_finite_range(mask, name=item_name, low=0.0, high=1.0)
         else:
-            raise TypeError(f"`{item_name}` as a numpy array must be uint8, bool or float, got {_describe(item)}")
+            raise TypeError(
+                f"`{item_name}` as a numpy array must be uint8, uint16, bool or float, got {_describe(item)}"
+            )
         if masks and mask.shape != masks[0].shape:
             raise ValueError(
                 f"all masks in `mask_image` must have the same size: `mask_image[0]` is {tuple(masks[0].shape)} "
@@ -329,6 +442,16 @@ def _repaint_mask_from_pixels(mask_image: PixelImage | Sequence[PixelImage]) -> 
             )
         masks.append(mask)
     return torch.stack(masks).unsqueeze(1)
+
+
+def read_repaint_mask(mask_image: PixelImage | Sequence[PixelImage]) -> torch.Tensor:
+    """The user's mask(s) as ``prepare_image_and_mask`` reads them, before inversion and binarisation.
+
+    Returns (N, 1, H, W) float32 in [0, 1], 1 = repaint; ``prepare_image_and_mask`` repaints where it is > 0.5.
+    Takes what ``prepare_image_and_mask`` takes for ``mask_image`` except tensors (which need no reading); useful to
+    warn about a mask that repaints nothing before any model is loaded.
+    """
+    return _repaint_mask_from_pixels(mask_image)
 
 
 def prepare_image_and_mask(image: ImageInput, mask_image: ImageInput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,9 +463,13 @@ def prepare_image_and_mask(image: ImageInput, mask_image: ImageInput) -> tuple[t
     Inputs, either both tensors or both not:
 
     * PIL images (or lists of them): image -> "RGB" -> ``x / 127.5 - 1``; mask -> "L" -> ``/ 255``, white = repaint.
-      numpy arrays are also taken: image uint8 (H, W, 3) or (B, H, W, 3); mask (H, W) or (N, H, W), uint8 read
-      like an "L" image, float in [0, 1], or bool. PIL images and arrays may be mixed. (diffusers' docstring
-      promises numpy input but its code only handles PIL, so these array rules are pbe's own.)
+      Beyond diffusers, both are first turned upright (EXIF orientation) and scaled to 8 bits (``to_8bit``), and a
+      mask with transparency is composited over black (transparent = keep, opaque white = repaint); for upright
+      8-bit opaque inputs this is diffusers' result exactly.
+      numpy arrays are also taken: image (H, W, 3) or (B, H, W, 3), uint8, uint16 or float in [0, 1]; mask (H, W)
+      or (N, H, W), uint8 read like an "L" image, uint16 like an "I;16" one, float in [0, 1], or bool. PIL images
+      and arrays may be mixed. (diffusers' docstring promises numpy input but its code only handles PIL, so these
+      array rules are pbe's own.)
     * tensors: image in [-1, 1], (3, H, W) or (B, 3, H, W); mask in [0, 1] with 1 = repaint, (H, W), (N, H, W) or
       (N, 1, H, W) with diffusers' shape rules (an (N, H, W) mask is a batch if N = B, else it must be (1, H, W)).
       The image must be floating point; bool and integer 0/1 masks are accepted as float32.

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from weights_convert.convert import convert
+from weights_convert.tables import HUB_CONFIG_FILES, HUB_OTHER_FILES, HUB_WEIGHT_FILES
 
-from .checkpoint import NETWORK_NAMES, CheckpointError, is_native, read_native
+from .checkpoint import NETWORK_NAMES, is_native, meta_network, read_native
+from .errors import CheckpointError
 from .model import AutoencoderKL, ImageEncoder, PaintByExampleConfig, UNet
-
-NETWORK_CLASSES = {"unet": UNet, "vae": AutoencoderKL, "image_encoder": ImageEncoder}
 
 
 @dataclass
@@ -40,8 +40,7 @@ class PaintByExampleNetworks:
 def build_network(name: str, config: PaintByExampleConfig, state_dict: dict[str, torch.Tensor], *,
                   dtype: torch.dtype, device: str | torch.device) -> nn.Module:
     """One network, built on the meta device and filled strictly with ``state_dict`` cast to ``dtype``."""
-    with torch.device("meta"):
-        model = NETWORK_CLASSES[name](getattr(config, name))
+    model = meta_network(name, config)
     tensors = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -73,14 +72,6 @@ def load(
 
 
 DEFAULT_REPO = "Fantasy-Studio/Paint-by-Example"
-# What a hub download fetches: the configs, and per network ONE weights file (safetensors preferred when present).
-HUB_CONFIG_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "image_encoder/config.json",
-                    "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json"]
-HUB_WEIGHT_FILES = {
-    "unet": ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"),
-    "vae": ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin"),
-    "image_encoder": ("image_encoder/model.safetensors", "image_encoder/pytorch_model.bin"),
-}
 
 
 def resolve_checkpoint(src: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
@@ -100,7 +91,8 @@ def resolve_checkpoint(src: str | Path, *, revision: str | None = None, cache_di
 
     try:
         files = set(huggingface_hub.list_repo_files(repo_id, revision=revision))  # network
-        wanted = [f for f in HUB_CONFIG_FILES if f in files]
+        # The configs, and per network ONE weights file (the first present: safetensors when there is one).
+        wanted = [f for f in (*HUB_OTHER_FILES, *HUB_CONFIG_FILES.values()) if f in files]
         wanted += [next((f for f in names if f in files), names[-1]) for names in HUB_WEIGHT_FILES.values()]
         return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=wanted,
                                                        cache_dir=cache_dir))

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import pbe.cli
+import pbe.devices
 from pbe.cli import main
 
 from conftest import HUB
@@ -112,9 +113,12 @@ def test_paint_writes_the_image_prints_how_to_repeat_and_a_progress_bar(tmp_path
         assert painted.format == "PNG" and painted.size == (WIDTH, HEIGHT) and painted.mode == "RGB"
     assert folder_files(tmp_path) == {"painted.png"}  # no temporary file left behind
     repeat = repeat_command(proc.stderr)
-    expected = {"--seed": "1234", "--steps": "2", "--guidance": "5.0", "--scheduler": "pndm", "--dtype": "fp32",
+    # --device auto and --dtype auto (the defaults) are named by their concrete choice here: cpu, and its fast dtype.
+    dtype = next(name for name, dtype in pbe.cli.DTYPES.items() if dtype == pbe.devices.default_dtype("cpu"))
+    expected = {"--seed": "1234", "--steps": "2", "--guidance": "5.0", "--scheduler": "pndm", "--dtype": dtype,
                 "--device": "cpu", "--num-images": "1", "--checkpoint": str(hub)}
     assert {flag: flag_value(repeat, flag) for flag in expected} == expected
+    assert f"device cpu (auto), dtype {dtype} (auto: the fast precision on cpu)" in proc.stderr
     assert "denoising" in proc.stderr and "100%" in proc.stderr  # tqdm's bar, on stderr
     assert proc.stdout == ""
 
@@ -209,7 +213,7 @@ def test_the_printed_command_repeats_a_run_with_a_fresh_seed(tmp_path, hub, inpu
         (["--seed", "-1"], 2, "--seed: expected an integer"),
         (["--mask-blur", "2"], 2, "--mask-blur only applies with --keep-unmasked"),
         (["-o", ("tmp", "out.gif")], 2, "expected a file name ending in .png"),
-        (["--device", "gpu"], 2, "--device gpu: expected cpu, cuda"),
+        (["--device", "gpu"], 2, "--device gpu: expected auto, cpu, cuda"),
         (["--mask", ("example",)], 1, "must be the same size"),
         (["--mask", ("tmp", "not-an-image.png")], 1, "--mask: cannot read image file"),
         (["--example", ("tmp", "missing.png")], 1, "--example: image file not found"),
@@ -236,12 +240,53 @@ def test_cuda_without_cuda(tmp_path, hub, inputs, capsys, monkeypatch) -> None:
     assert "no CUDA device" in err
 
 
-def test_fp16_on_a_cpu_without_fp16_kernels_is_refused(tmp_path, hub, inputs, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(pbe.cli, "_cpu_has_fast_fp16", lambda: False)
-    assert main(paint_args(inputs, tmp_path / "out.png", hub, "--dtype", "fp16")) == 1
+AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma"})  # e.g. AMD Zen 3: no bfloat16 or float16 instructions
+AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512_bf16"}  # e.g. AMD Zen 4
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[dict]:
+    """The keyword arguments of every PaintByExample.from_pretrained call the command makes (the call still runs)."""
+    calls, real = [], pbe.cli.PaintByExample.from_pretrained
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pbe.cli.PaintByExample, "from_pretrained", recorded)
+    return calls
+
+
+@pytest.mark.parametrize(("dtype", "name"), [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_half_precision_on_a_cpu_without_its_instructions_is_refused_before_loading(
+        tmp_path, hub, inputs, capsys, monkeypatch, loads, dtype, name) -> None:
+    monkeypatch.setattr(pbe.devices, "cpu_flags", lambda: AVX2_ONLY)
+    assert main(paint_args(inputs, tmp_path / "out.png", hub, "--device", "cpu", "--dtype", dtype)) == 2
     err = capsys.readouterr().err
     assert_one_error_line(err)
-    assert "use --dtype bf16 or fp32" in err
+    assert f"error: --dtype {dtype}: {name} on this CPU is slow" in err
+    assert "170x slower than float32" in err and "use --dtype fp32 (or auto)" in err  # the reason and the way out
+    assert loads == [] and folder_files(tmp_path) == set()
+
+
+@pytest.mark.parametrize(("flags", "dtype"), [(AVX2_ONLY, "fp32"), (AVX512_BF16, "bf16")], ids=["avx2", "avx512_bf16"])
+def test_auto_picks_the_fast_precision_of_the_cpu_and_names_it(tmp_path, hub, inputs, capsys, monkeypatch, loads,
+                                                               flags, dtype) -> None:
+    monkeypatch.setattr(pbe.devices, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(pbe.devices.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(pbe.devices.torch.backends.mps, "is_available", lambda: False)
+    assert main(paint_args(inputs, tmp_path / "out.png", hub, "--seed", "7")) == 0
+    assert [(call["device"], call["dtype"]) for call in loads] == [("cpu", pbe.cli.DTYPES[dtype])]
+    err = capsys.readouterr().err
+    assert f"device cpu (auto), dtype {dtype} (auto: the fast precision on cpu)\nto repeat this run: " in err
+    assert f"--dtype {dtype} --device cpu " in err
+
+
+def test_bf16_on_a_cpu_with_bf16_instructions_is_accepted(tmp_path, hub, inputs, capsys, monkeypatch, loads) -> None:
+    monkeypatch.setattr(pbe.devices, "cpu_flags", lambda: AVX512_BF16)
+    assert main(paint_args(inputs, tmp_path / "out.png", hub, "--device", "cpu", "--dtype", "bf16")) == 0
+    assert [call["dtype"] for call in loads] == [torch.bfloat16]
+    assert "device cpu, dtype bf16\n" in capsys.readouterr().err
 
 
 def test_argparse_errors_exit_2(tmp_path, hub, inputs, capsys) -> None:

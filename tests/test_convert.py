@@ -13,11 +13,17 @@ from safetensors.torch import load_file, save_file
 
 import pbe
 from pbe.checkpoint import CheckpointError, config_to_json, is_native, read_native
+from pbe.cli import main as pbe_main
+from pbe.model import PaintByExampleConfig
 from weights_convert.__main__ import main as convert_main
-from weights_convert.convert import convert
+from weights_convert.convert import convert, our_shapes
+from weights_convert.mapping import build_keymap, expand
 from weights_convert.readers import read_tensors
+from weights_convert.tables import RULES
 
-from conftest import HUB, HUB_SMALL, ORIGINAL_CKPT, ldm_base_config
+from conftest import FIXTURES, HUB, HUB_SMALL, ORIGINAL_CKPT, ldm_base_config
+
+FIXTURES_TABLE = FIXTURES / "ldm_to_diffusers_unet_vae.tsv"  # committed copy of the shared table
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +224,49 @@ def test_command_runs_as_a_module(tmp_path) -> None:
     assert "wrote" in proc.stdout and out.is_file()
     proc = subprocess.run([sys.executable, "-m", "weights_convert", str(tmp_path / "missing"), str(out)], capture_output=True, text=True)
     assert proc.returncode == 1 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- the tables ---------------------------------------------------------------------------------------------------
+
+def test_both_layout_tables_reproduce_the_shared_correspondence_table() -> None:
+    """For the OFFICIAL structure, our two tables compose into exactly the 934 UNet/VAE pairs of the shared table.
+
+    The shared table (diffusers key, original key, original shape) was written from diffusers' own converters. The
+    original-layout table is also checked 1:1 against its shapes (conv 1x1 -> linear included).
+    """
+    rows = [line.split("\t") for line in FIXTURES_TABLE.read_text().splitlines() if not line.startswith("#")]
+    official = PaintByExampleConfig()
+    for network in ("unet", "vae"):
+        part = [(d.removeprefix(f"{network}."), o, s) for d, o, s in rows if d.startswith(f"{network}.")]
+        ours = our_shapes(network, official)
+        ldm = build_keymap(RULES["ldm"][network](getattr(official, network)), ours,
+                           {o: torch.Size(json.loads(s)) for _, o, s in part}, {}, origin="table").pairs
+        diffusers = expand(RULES["diffusers"][network](getattr(official, network)), ours, {d for d, _, _ in part},
+                           origin="table")
+        assert ours.keys() == ldm.keys() == diffusers.keys()
+        assert sorted((diffusers[k][0], ldm[k][0]) for k in ours) == sorted((d, o) for d, o, _ in part)
+    assert len(rows) == 934
+
+
+# ---- one command, two entry points ------------------------------------------------------------------------------------
+
+def test_pbe_convert_and_python_m_weights_convert_are_one_command(tmp_path, capsys) -> None:
+    for argv in (["--help"], [str(tmp_path / "missing"), str(tmp_path / "out.safetensors")]):
+        outputs = []
+        for run in (convert_main, lambda a: pbe_main(["convert", *a])):
+            try:
+                status = run(argv)
+            except SystemExit as exit_:  # --help
+                status = exit_.code
+            captured = capsys.readouterr()
+            outputs.append((status, captured.out.partition("\n\n")[2], captured.err))  # all but the usage line
+        assert outputs[0] == outputs[1]
+    status, _, err = outputs[0]
+    assert status == 1 and err == f"error: {tmp_path / 'missing'}: no such file or folder\n"
+
+
+def test_a_failed_write_is_one_error_line(tmp_path, capsys) -> None:
+    (tmp_path / "file").write_text("")
+    assert convert_main([str(HUB_SMALL), str(tmp_path / "file" / "out.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err

@@ -22,8 +22,11 @@ from pbe.images import (
     paste_back,
     prepare_image_and_mask,
     preprocess_example,
+    read_repaint_mask,
+    to_8bit,
     to_numpy,
     to_pil,
+    upright,
 )
 
 # The official feature_extractor/preprocessor_config.json of Fantasy-Studio/Paint-by-Example.
@@ -44,8 +47,8 @@ def random_image(mode: str, width: int, height: int, seed: int = 0) -> PIL.Image
     rng = np.random.default_rng(seed)
     if mode == "I;16":
         return PIL.Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
-    if mode == "F":
-        return PIL.Image.fromarray(rng.uniform(-50, 300, (height, width)).astype(np.float32))
+    if mode == "F":  # Pillow's own scale for "F": 0..255 (what convert("F") of an 8-bit image makes)
+        return PIL.Image.fromarray(rng.uniform(0, 255, (height, width)).astype(np.float32))
     if mode in ("L", "P", "1"):
         gray = PIL.Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))
         return gray if mode == "L" else gray.convert(mode)
@@ -95,12 +98,42 @@ def test_clip_parity_sizes(clip_reference, width, height):
     assert (actual - expected).abs().max().item() <= 1e-6
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "LA", "PA", "I;16", "F", "1", "YCbCr", "RGBX"])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "LA", "PA", "F", "1", "YCbCr", "RGBX"])
 @pytest.mark.parametrize("width, height", [(225, 301), (37, 100)])
 def test_clip_parity_modes(clip_reference, mode, width, height):
     image = random_image(mode, width, height, seed=7)
     expected = clip_reference_pixels(clip_reference, image)
     assert (preprocess_example(image) - expected).abs().max().item() <= 1e-6
+
+
+def sixteen_to_eight(values: np.ndarray) -> np.ndarray:
+    """The expected 8-bit reading of 16-bit values: nearest of the 256 levels v * 257."""
+    return np.round(values.astype(np.float64) / 257).astype(np.uint8)
+
+
+def wide_examples() -> list[tuple[str, object, np.ndarray]]:
+    """(label, wide image, its expected 8-bit greyscale) for every wide format; the reference clips them all."""
+    rng = np.random.default_rng(11)
+    sixteen = rng.integers(0, 65536, (61, 47), dtype=np.uint16)
+    unit = rng.uniform(0, 1, (61, 47)).astype(np.float32)
+    eight_from_unit = np.round(unit.astype(np.float64) * 255).astype(np.uint8)
+    return [
+        ("I;16", PIL.Image.fromarray(sixteen), sixteen_to_eight(sixteen)),
+        ("I;16B", PIL.Image.fromarray(sixteen).convert("I").convert("I;16B"), sixteen_to_eight(sixteen)),
+        ("I", PIL.Image.fromarray(sixteen.astype(np.int32)), sixteen_to_eight(sixteen)),
+        ("F in [0, 1]", PIL.Image.fromarray(unit), eight_from_unit),
+        ("uint16 array", sixteen, sixteen_to_eight(sixteen)),
+        ("float array", unit, eight_from_unit),
+    ]
+
+
+@pytest.mark.parametrize("label, wide, eight", wide_examples(), ids=[case[0] for case in wide_examples()])
+def test_clip_wide_images_scaled_not_clipped(clip_reference, label, wide, eight):
+    if isinstance(wide, PIL.Image.Image):
+        assert wide.mode == label.split()[0]
+    # The reference, given the correct 8-bit image, is what pbe must produce from the wide one.
+    expected = clip_reference_pixels(clip_reference, PIL.Image.fromarray(eight))
+    assert (preprocess_example(wide) - expected).abs().max().item() <= 1e-6
 
 
 def test_clip_parity_palette_with_transparency(clip_reference):
@@ -160,7 +193,9 @@ def test_clip_tensor_passthrough():
         ("example.png", TypeError),
         ([], ValueError),
         ([PIL.Image.new("RGB", (8, 8)), "x"], TypeError),
-        (np.zeros((8, 8, 3), dtype=np.float32), TypeError),
+        (np.zeros((8, 8, 3), dtype=np.int64), TypeError),
+        (np.full((8, 8, 3), 2.0, dtype=np.float32), ValueError),
+        (PIL.Image.fromarray(np.full((8, 8), -1.0, dtype=np.float32)), ValueError),
         (np.zeros((8, 8, 5), dtype=np.uint8), ValueError),
         (np.zeros((8,), dtype=np.uint8), ValueError),
     ],
@@ -311,7 +346,14 @@ GOOD_MASK = torch.zeros(1, 1, 8, 8)
         ([PIL.Image.new("RGB", (8, 8)), PIL.Image.new("RGB", (9, 8))], PIL.Image.new("L", (8, 8)), ValueError,
          ["image"]),
         (np.zeros((8, 8, 4), dtype=np.uint8), np.zeros((8, 8), dtype=np.uint8), ValueError, ["image"]),
-        (np.zeros((8, 8, 3), dtype=np.float32), np.zeros((8, 8), dtype=np.uint8), ValueError, ["image"]),
+        (np.zeros((8, 8, 3), dtype=np.int64), np.zeros((8, 8), dtype=np.uint8), TypeError, ["image"]),
+        (np.full((8, 8, 3), 1.5), np.zeros((8, 8), dtype=np.uint8), ValueError, ["image"]),
+        (PIL.Image.fromarray(np.full((8, 8), 70000, dtype=np.int32)), PIL.Image.new("L", (8, 8)), ValueError,
+         ["image"]),
+        (PIL.Image.fromarray(np.full((8, 8), 300.0, dtype=np.float32)), PIL.Image.new("L", (8, 8)), ValueError,
+         ["image"]),
+        (PIL.Image.new("RGB", (8, 8)), PIL.Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32)), ValueError,
+         ["mask_image"]),
         (np.zeros((8, 8, 3), dtype=np.uint8), np.full((8, 8), 2.0), ValueError, ["mask_image"]),
         (np.zeros((8, 8, 3), dtype=np.uint8), np.zeros((8, 8), dtype=np.int64), TypeError, ["mask_image"]),
         (np.zeros((8, 8, 3), dtype=np.uint8), [np.zeros((8, 8), np.uint8), np.zeros((8, 9), np.uint8)], ValueError,
@@ -502,3 +544,165 @@ def test_paste_back_keeps_dtype(dtype):
     assert result.dtype == dtype
     assert torch.equal(result[..., :2, :], original[..., :2, :])
     assert torch.equal(result[..., 14:18, 14:18], generated[..., 14:18, 14:18])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Every image a user has: 16-bit and float images, masks with transparency, EXIF orientation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_sixteen_bit_png_file_is_scaled_not_white(tmp_path):
+    ramp = np.linspace(0, 65535, 40 * 24).round().astype(np.uint16).reshape(24, 40)
+    path = tmp_path / "grey16.png"
+    PIL.Image.fromarray(ramp).save(path)
+    opened = PIL.Image.open(path)
+    assert opened.mode == "I;16"  # what Pillow makes of a 16-bit greyscale PNG
+    mask = PIL.Image.new("L", (40, 24), 0)
+    _, pixels = prepare_image_and_mask(opened, mask)
+    expected = torch.from_numpy(sixteen_to_eight(ramp)).float() / 127.5 - 1
+    assert torch.equal(pixels[0], expected.expand(3, -1, -1))
+    assert pixels.min() == -1 and pixels.max() == 1  # the whole range survives; Pillow alone makes it all white
+    # The numpy route reads the same values.
+    _, from_array = prepare_image_and_mask(np.repeat(ramp[..., None], 3, axis=-1), np.asarray(mask))
+    assert torch.equal(from_array, pixels)
+
+
+@pytest.mark.parametrize("label, wide, eight", wide_examples(), ids=[case[0] for case in wide_examples()])
+def test_to_8bit_every_wide_format(label, wide, eight):
+    result = to_8bit(wide)
+    as_array = np.asarray(result)
+    assert as_array.dtype == np.uint8
+    np.testing.assert_array_equal(as_array, eight)
+
+
+def test_to_8bit_keeps_pillow_reading_of_8bit_data_in_wide_modes():
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    as_int = PIL.Image.fromarray(levels).convert("I")
+    as_float = PIL.Image.fromarray(levels).convert("F")
+    np.testing.assert_array_equal(np.asarray(to_8bit(as_int)), levels)
+    np.testing.assert_array_equal(np.asarray(to_8bit(as_float)), levels)
+    rgb = PIL.Image.new("RGB", (4, 4), (1, 2, 3))
+    assert to_8bit(rgb) is rgb  # 8-bit modes pass through untouched
+
+
+@pytest.mark.parametrize(
+    "wide, message",
+    [
+        (PIL.Image.fromarray(np.array([[-1.0, 0.5]], dtype=np.float32)), r"\[-1, 0.5\]"),
+        (PIL.Image.fromarray(np.array([[0.0, 256.0]], dtype=np.float32)), r"\[0, 256\]"),
+        (PIL.Image.fromarray(np.array([[0, 65536]], dtype=np.int32)), r"\[0, 65536\]"),
+        (np.array([[0.0, 1.5]]), r"\[0, 1\]"),
+        (np.array([[0.0, np.nan]], dtype=np.float32), r"\[0, 1\]"),
+    ],
+)
+def test_to_8bit_refuses_unknown_scales(wide, message):
+    with pytest.raises(ValueError, match=message):
+        to_8bit(wide, name="picture")
+    with pytest.raises(ValueError, match="`picture`"):
+        to_8bit(wide, name="picture")
+
+
+def test_to_8bit_refuses_other_types():
+    with pytest.raises(TypeError, match="uint8, uint16 or float"):
+        to_8bit(np.zeros((2, 2), dtype=np.int16))
+    with pytest.raises(TypeError, match="`image`"):
+        to_8bit("picture.png")
+
+
+def test_sixteen_bit_mask():
+    values = np.array([[0, 32767, 32768, 65535]], dtype=np.uint16)  # 32768 / 65535 > 0.5: repaint
+    keep_pil, _ = prepare_image_and_mask(PIL.Image.new("RGB", (4, 1)), PIL.Image.fromarray(values))
+    keep_np, _ = prepare_image_and_mask(np.zeros((1, 4, 3), np.uint8), values)
+    assert keep_pil.flatten().tolist() == [1, 1, 0, 0]
+    assert torch.equal(keep_np, keep_pil)
+
+
+def stroke_mask_rgba(width: int = 32, height: int = 24) -> tuple[PIL.Image.Image, np.ndarray]:
+    """A brush-layer export: white RGB everywhere, the strokes only in alpha. Returns (mask, stroke as bool)."""
+    alpha = np.zeros((height, width), dtype=np.uint8)
+    alpha[5:9, 3:20] = 255  # an opaque stroke
+    alpha[15:18, 10:30] = 200  # a mostly opaque stroke: 200 / 255 > 0.5
+    alpha[20:22, 2:8] = 100  # faint paint: 100 / 255 < 0.5, kept
+    rgba = np.dstack([np.full((height, width, 3), 255, dtype=np.uint8), alpha])
+    return PIL.Image.fromarray(rgba, "RGBA"), alpha > 127
+
+
+def test_alpha_only_stroke_mask_repaints_only_the_strokes(tmp_path):
+    mask, stroke = stroke_mask_rgba()
+    path = tmp_path / "strokes.png"
+    mask.save(path)
+    keep_mask, _ = prepare_image_and_mask(PIL.Image.new("RGB", mask.size), PIL.Image.open(path))
+    assert torch.equal(keep_mask[0, 0], torch.from_numpy(~stroke).float())
+    repaint = read_repaint_mask(PIL.Image.open(path))
+    assert repaint.shape == (1, 1, 24, 32)
+    assert repaint[0, 0, 6, 4] == 1 and repaint[0, 0, 0, 0] == 0  # white where opaque, black where transparent
+
+
+def test_transparent_masks_composite_over_black():
+    grey = np.array([[255, 255, 255, 0, 128]], dtype=np.uint8)
+    alpha = np.array([[255, 0, 128, 255, 255]], dtype=np.uint8)
+    expected = torch.tensor([[[[1.0, 0.0, 128 / 255, 0.0, 128 / 255]]]])
+    la = PIL.Image.fromarray(np.dstack([grey, alpha]), "LA")
+    assert torch.allclose(read_repaint_mask(la), expected, atol=1e-7)
+    assert torch.allclose(read_repaint_mask(la.convert("RGBA")), expected, atol=1e-7)
+    # A palette mask with a transparent index: that index is keep, whatever its colour.
+    palette = PIL.Image.fromarray(np.array([[0, 1, 2]], dtype=np.uint8), "P")
+    palette.putpalette([255, 255, 255, 255, 255, 255, 0, 0, 0])
+    palette.info["transparency"] = 1
+    assert read_repaint_mask(palette).flatten().tolist() == [1.0, 0.0, 0.0]
+    # Opaque masks are read exactly as the reference reads them ("L" / 255).
+    opaque = random_mask(16, 8, seed=3)
+    assert torch.equal(read_repaint_mask(opaque.convert("LA"))[0, 0], torch.from_numpy(np.array(opaque)) / 255.0)
+
+
+def write_with_orientation(array: np.ndarray, path, orientation: int) -> None:
+    """Save ``array`` as stored pixels with an EXIF orientation tag (JPEG or PNG by the suffix)."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    PIL.Image.fromarray(array).save(path, exif=exif, **({"quality": 95} if path.suffix == ".jpg" else {}))
+
+
+# EXIF orientation -> how the stored pixels are shown (numpy on (H, W, ...) arrays), per the EXIF specification.
+DISPLAYED = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, k=-1),
+    7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, k=1),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(DISPLAYED))
+def test_exif_orientation_of_every_input_file_or_object(tmp_path, orientation):
+    rng = np.random.default_rng(orientation)
+    stored_image = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    stored_mask = np.zeros((24, 40), dtype=np.uint8)
+    stored_mask[2:10, 3:30] = 255  # not symmetric: a wrong turn cannot go unnoticed
+    stored_example = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    image_path, mask_path, example_path = tmp_path / "image.jpg", tmp_path / "mask.png", tmp_path / "example.jpg"
+    write_with_orientation(stored_image, image_path, orientation)
+    write_with_orientation(stored_mask, mask_path, orientation)
+    write_with_orientation(stored_example, example_path, orientation)
+
+    # What the user sees: the decoded stored pixels turned by the tag (computed here with numpy, not Pillow).
+    def shown(path):
+        return np.ascontiguousarray(DISPLAYED[orientation](np.asarray(PIL.Image.open(path))))
+
+    expected_keep, expected_pixels = prepare_image_and_mask(shown(image_path), shown(mask_path))
+    expected_example = preprocess_example(shown(example_path))
+    assert expected_keep[0, 0].logical_not().any()
+
+    for opener in (PIL.Image.open, load_image):  # API objects straight from Pillow, and the CLI's loader
+        keep_mask, pixels = prepare_image_and_mask(opener(image_path), opener(mask_path))
+        assert torch.equal(keep_mask, expected_keep) and torch.equal(pixels, expected_pixels)
+        assert torch.equal(preprocess_example(opener(example_path)), expected_example)
+
+
+def test_upright_is_idempotent(tmp_path):
+    path = tmp_path / "turned.jpg"
+    write_with_orientation(np.zeros((20, 30, 3), dtype=np.uint8), path, 6)
+    once = upright(PIL.Image.open(path))
+    assert once.size == (20, 30)
+    assert upright(once).size == (20, 30) and upright(upright(once)).size == (20, 30)

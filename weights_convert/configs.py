@@ -12,9 +12,8 @@ import re
 
 import torch
 
+from pbe.errors import CheckpointError
 from pbe.model.config import AutoencoderConfig, CLIPVisionConfig, ImageEncoderConfig, PaintByExampleConfig, UNetConfig
-
-from pbe.checkpoint import CheckpointError
 
 
 def _require(cfg: dict, key: str, allowed: object, origin: str) -> None:

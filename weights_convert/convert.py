@@ -13,21 +13,21 @@ from pathlib import Path
 
 import torch
 
-from pbe.model import AutoencoderKL, ImageEncoder, PaintByExampleConfig, UNet
+from pbe.checkpoint import meta_network
+from pbe.errors import CheckpointError
+from pbe.model import PaintByExampleConfig
 
-from . import configs, tables
-from pbe.checkpoint import CheckpointError
-
-from .mapping import apply, build_keymap
+from . import configs
+from .mapping import apply, build_keymap, refuse_unexpected
 from .readers import read_tensors
+from .tables import HUB_CONFIG_FILES, HUB_WEIGHT_FILES, IGNORED, RULES
 
-NETWORKS = {"unet": UNet, "vae": AutoencoderKL, "image_encoder": ImageEncoder}
-RULES = {"unet": tables.unet_rules, "vae": tables.vae_rules, "image_encoder": tables.image_encoder_rules}
-HUB_WEIGHTS = {  # preferred first
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "image_encoder": ("model.safetensors", "pytorch_model.bin"),
-}
+# Each network's config from its hub config.json.
+HUB_CONFIG_READERS = {"unet": configs.unet_config_from_diffusers, "vae": configs.vae_config_from_diffusers,
+                      "image_encoder": configs.image_encoder_config_from_transformers}
+# The key prefixes of each network in the original layout (its image encoder also owns two top-level tensors).
+LDM_PREFIXES = {"unet": ("model.diffusion_model.",), "vae": ("first_stage_model.",),
+                "image_encoder": ("cond_stage_model.", "proj_out.", "learnable_vector")}
 
 
 @dataclass
@@ -54,18 +54,16 @@ class Converted:
         return "\n".join(lines)
 
 
-def our_shapes(network: str, config: object) -> dict[str, torch.Size]:
+def our_shapes(network: str, config: PaintByExampleConfig) -> dict[str, torch.Size]:
     """Parameter names and shapes of one of our networks, from a model built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = NETWORKS[network](config)
-    return {k: v.shape for k, v in model.state_dict().items()}
+    return {k: v.shape for k, v in meta_network(network, config).state_dict().items()}
 
 
 def _convert_one(network: str, config: PaintByExampleConfig, layout: str, source: dict[str, torch.Tensor],
                  ignored: dict[str, str], origin: str, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    net_config = getattr(config, network)
     shapes = {k: v.shape for k, v in source.items()}
-    keymap = build_keymap(RULES[network](net_config, layout), our_shapes(network, net_config), shapes, ignored, origin=origin)
+    rules = RULES[layout][network](getattr(config, network))
+    keymap = build_keymap(rules, our_shapes(network, config), shapes, ignored, origin=origin)
     return apply(keymap, source, dtype=dtype), keymap.ignored
 
 
@@ -97,19 +95,17 @@ def convert_hub_folder(folder: Path, *, dtype: torch.dtype | None = None) -> Con
     if not (folder / "image_encoder").is_dir():
         what = "a Stable Diffusion folder (it has a text encoder)" if (folder / "text_encoder").is_dir() else "no image_encoder/ folder"
         raise CheckpointError(f"{folder}: not a Paint by Example hub folder: {what}")
-    config = PaintByExampleConfig(
-        unet=configs.unet_config_from_diffusers(_read_json(folder / "unet/config.json"), origin=str(folder / "unet/config.json")),
-        vae=configs.vae_config_from_diffusers(_read_json(folder / "vae/config.json"), origin=str(folder / "vae/config.json")),
-        image_encoder=configs.image_encoder_config_from_transformers(
-            _read_json(folder / "image_encoder/config.json"), origin=str(folder / "image_encoder/config.json")),
-    )
+    config = PaintByExampleConfig(**{
+        network: HUB_CONFIG_READERS[network](_read_json(folder / name), origin=str(folder / name))
+        for network, name in HUB_CONFIG_FILES.items()
+    })
     _check_paint_by_example(config, str(folder))
     result = Converted(config, {}, "diffusers")
-    for network, names in HUB_WEIGHTS.items():
-        path = next((folder / network / n for n in names if (folder / network / n).is_file()), None)
+    for network, names in HUB_WEIGHT_FILES.items():
+        path = next((folder / n for n in names if (folder / n).is_file()), None)
         if path is None:
             raise CheckpointError(f"{folder / network}: no weights file (looked for {' or '.join(names)})")
-        ignored = dict(tables.IGNORED["diffusers"].get(network, []))
+        ignored = dict(IGNORED["diffusers"].get(network, []))
         result.state_dicts[network], skipped = _convert_one(network, config, "diffusers", read_tensors(path), ignored, str(path), dtype)
         result.sources[network] = str(path)
         result.ignored.update(skipped)
@@ -127,17 +123,12 @@ def convert_ldm_state_dict(source: dict[str, torch.Tensor], *, origin: str, base
     shapes = {k: v.shape for k, v in source.items()}
     config = configs.config_from_ldm(shapes, base or PaintByExampleConfig(), origin=origin)
     _check_paint_by_example(config, origin)
-    prefixes = {"unet": ("model.diffusion_model.",), "vae": ("first_stage_model.",),
-                "image_encoder": ("cond_stage_model.", "proj_out.", "learnable_vector")}
-    common_ignored = dict(tables.IGNORED["ldm"]["all"])
-    claimed = {k for k in source if any(k.startswith(p) for ps in prefixes.values() for p in ps)}
-    unexpected = [k for k in source if k not in claimed and k not in common_ignored]
-    if unexpected:
-        shown = ", ".join(sorted(unexpected)[:5])
-        raise CheckpointError(f"{origin}: unexpected keys (not part of Paint by Example): {len(unexpected)} ({shown})")
+    common_ignored = dict(IGNORED["ldm"]["all"])
+    claimed = tuple(prefix for prefixes in LDM_PREFIXES.values() for prefix in prefixes)
+    refuse_unexpected([k for k in source if not k.startswith(claimed) and k not in common_ignored], origin=origin)
     result = Converted(config, {}, "ldm", ignored={k: v for k, v in common_ignored.items() if k in source})
-    for network, ps in prefixes.items():
-        part = {k: v for k, v in source.items() if any(k.startswith(p) for p in ps)}
+    for network, prefixes in LDM_PREFIXES.items():
+        part = {k: v for k, v in source.items() if k.startswith(prefixes)}
         result.state_dicts[network], skipped = _convert_one(network, config, "ldm", part, common_ignored, origin, dtype)
         result.sources[network] = origin
         result.ignored.update(skipped)

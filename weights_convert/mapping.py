@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pbe.checkpoint import CheckpointError
+from pbe.errors import CheckpointError
 
 from .tables import Rule, Transform
 
@@ -62,14 +62,18 @@ def expand(rules: list[Rule], ours: dict[str, torch.Size], source_keys: set[str]
     return pairs
 
 
+def refuse_unexpected(keys: list[str], *, origin: str) -> None:
+    """Raise ``CheckpointError`` listing ``keys`` if there are any: source tensors no rule and no ignore entry claims."""
+    if keys:
+        raise CheckpointError(f"{origin}: unexpected keys (not part of Paint by Example): {_listing(keys)}")
+
+
 def check_consumed(keymap: KeyMap, source_shapes: dict[str, torch.Size], *, origin: str) -> None:
     """Every source tensor is used exactly once (a fused q/k/v by exactly its three chunks) or ignored on purpose."""
     uses: dict[str, list[Transform]] = defaultdict(list)
     for src, transform in keymap.pairs.values():
         uses[src].append(transform)
-    unexpected = [k for k in source_shapes if k not in uses and k not in keymap.ignored]
-    if unexpected:
-        raise CheckpointError(f"{origin}: unexpected keys (not part of Paint by Example): {_listing(unexpected)}")
+    refuse_unexpected([k for k in source_shapes if k not in uses and k not in keymap.ignored], origin=origin)
     chunks = {Transform.QKV_CHUNK_0, Transform.QKV_CHUNK_1, Transform.QKV_CHUNK_2}
     for src, transforms in uses.items():
         if len(transforms) != 1 and sorted(t.value for t in transforms) != sorted(t.value for t in chunks):

@@ -1,6 +1,7 @@
 """Read tensors from ``.safetensors``, pickled ``.bin`` and PyTorch Lightning ``.ckpt`` files, safely.
 
-Pickles are read with torch's ``weights_only`` unpickler, which never runs pickled code. A Lightning checkpoint also
+Safetensors files are read by ``pbe.checkpoint.read_safetensors``, the one safetensors reader (pbe's native file
+is safetensors too). Pickles are read with torch's ``weights_only`` unpickler, which never runs pickled code. A Lightning checkpoint also
 pickles objects of classes that are not importable here (callbacks, hyper-parameter namespaces); each such class is
 replaced by an inert stand-in before loading, so its objects load as empty shells and are then dropped.
 """
@@ -12,18 +13,9 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from pbe.checkpoint import CheckpointError
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file (memory-mapped)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+from pbe.checkpoint import read_safetensors
+from pbe.errors import CheckpointError
 
 
 def _inert_class(qualified_name: str) -> type:

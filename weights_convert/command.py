@@ -1,0 +1,71 @@
+"""The convert command, ONE parser for both entry points: ``pbe convert`` and ``python -m weights_convert``.
+
+    SRC OUT.safetensors [--dtype fp32|bf16|fp16] [--config CONFIG.json]
+
+Converts a hub-layout folder or an original ``model.ckpt`` into pbe's native single-file checkpoint and prints what
+was mapped and what was skipped on purpose. Writes atomically, never over its input, and leaves nothing on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pbe.checkpoint import DTYPES, config_from_json, save_native
+from pbe.errors import COMMAND_ERRORS, CheckpointError, error_line
+
+from .convert import convert
+
+DESCRIPTION = "Convert a Paint by Example checkpoint to pbe's native format."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the convert command's arguments to ``parser`` (a top-level parser or a subcommand's); return it."""
+    parser.add_argument("src", type=Path, help="hub-layout folder, or original model.ckpt / original-layout .safetensors")
+    parser.add_argument("out", type=Path, help="the native .safetensors file to write")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="dtype of the written tensors (default fp32)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="JSON config (pbe's schema) for an original-layout checkpoint of a NON-official structure: "
+                             "head counts and GroupNorm groups cannot be read from weights (default: official values)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert as ``args`` (from a parser given ``add_arguments``) says; print the report. Returns the exit status 0.
+
+    Raises ``CheckpointError`` (bad source, config or output name) or ``OSError`` (writing failed); the file ``out`` is
+    then left as it was.
+    """
+    src, out = args.src, args.out
+    base = None
+    if args.config is not None:
+        try:
+            base = config_from_json(args.config.read_text())
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"--config {args.config}: not a pbe config JSON ({err})") from None
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"{out}: the output must end in .safetensors")
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise CheckpointError(f"{out}: refusing to overwrite the input")
+    if out.is_dir():
+        raise CheckpointError(f"{out}: is a folder; give a file name ending in .safetensors")
+    converted = convert(src, base=base)
+    save_native(converted.state_dicts, converted.config, out, dtype=DTYPES[args.dtype])
+    print(converted.report())
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype})")
+    return 0
+
+
+def main(argv: list[str] | None = None, *, prog: str = "python -m weights_convert") -> int:
+    """The whole command: parse ``argv``, convert; errors end as one ``error: ...`` line on stderr and status 1."""
+    args = add_arguments(argparse.ArgumentParser(prog=prog, description=DESCRIPTION)).parse_args(argv)
+    try:
+        return run(args)
+    except COMMAND_ERRORS as err:
+        print(error_line(err), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
