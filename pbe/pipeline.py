@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import devices
 from . import images as imageio
 from .loading import DEFAULT_REPO, PaintByExampleNetworks, load, resolve_checkpoint
 from .memory import reuse_freed_memory
@@ -81,14 +82,6 @@ def _resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -
     return chosen
 
 
-def _resolve_device(device: Device | None) -> torch.device | None:
-    """``device`` as a ``torch.device`` (None stays None), or a ValueError naming it."""
-    try:
-        return None if device is None else torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
-
-
 class PaintByExample:
     """Exemplar-guided inpainting: ``pipe(example_image, image, mask_image).images``.
 
@@ -121,9 +114,13 @@ class PaintByExample:
         """Load from anything ``pbe.load`` takes, or a hub repo id (fetched into the Hugging Face cache on first use).
 
         ``torch_dtype`` (diffusers' name) or its synonym ``dtype``: the dtype of all three networks, default float32;
-        giving both with different values is a TypeError. ``device``: where the networks are placed.
+        giving both with different values is a TypeError. ``device``: where the networks are placed (``"auto"``: see
+        ``pbe.devices.resolve_device``). A half precision the CPU has no instructions for warns once
+        (``pbe.devices.SlowPrecisionWarning``): it runs, emulated, far slower than float32.
         """
         chosen = _resolve_dtype(dtype, torch_dtype) or torch.float32
+        device = devices.resolve_device(device)
+        devices.check_precision(device, chosen, refuse=False)
         path = resolve_checkpoint(src)
         networks: PaintByExampleNetworks = load(path, dtype=chosen, device=device)
         scheduler_json = path / "scheduler" / "scheduler_config.json" if path.is_dir() else None
@@ -157,7 +154,8 @@ class PaintByExample:
 
         Call shapes: ``to(device)``, ``to(dtype)``, ``to(device, dtype)``, ``to(device=..., dtype=...)``
         (``torch_dtype=`` is a synonym of ``dtype=``). To give one network its own dtype, cast it alone:
-        ``pipe.unet.half()``; the pipeline feeds every network in its own dtype.
+        ``pipe.unet.half()``; the pipeline feeds every network in its own dtype. Warns as ``from_pretrained`` does
+        about a half precision the CPU has no instructions for.
         """
         if len(args) > 2:
             raise TypeError(f"to() takes at most 2 positional arguments (device, dtype), got {len(args)}")
@@ -171,9 +169,11 @@ class PaintByExample:
         if positional_dtype is not None and (dtype is not None or torch_dtype is not None):
             raise TypeError(f"to(): dtype given twice, {positional_dtype} and as a keyword")
         target_dtype = _resolve_dtype(positional_dtype if positional_dtype is not None else dtype, torch_dtype)
-        target_device = _resolve_device(positional_device if positional_device is not None else device)
+        target_device = positional_device if positional_device is not None else device
+        target_device = None if target_device is None else devices.resolve_device(target_device)
         for network in self.networks:
             network.to(device=target_device, dtype=target_dtype)
+            devices.check_precision(*_placement(network), refuse=False)
         return self
 
     # ---- the stages --------------------------------------------------------------------------------------------------
@@ -335,9 +335,10 @@ class PaintByExample:
         """Stage 4, denoising, the loop. The UNet sees [noisy latent, masked-image latent, keep mask] along channels."""
         order = getattr(sched, "order", 1)  # diffusers' meaning: model evaluations per reported step
         warmup = len(timesteps) - num_inference_steps * order
-        # Every step allocates the same tensors again: keep freed memory for the next step instead of taking fresh
-        # pages from the kernel (see pbe.memory; the autoencoder runs outside, its few large tensors would fragment it).
-        with reuse_freed_memory():
+        # Every step allocates the same tensors again: on the CPU, keep freed memory for the next step instead of taking
+        # fresh pages from the kernel (see pbe.memory; the autoencoder runs outside, its few large tensors would
+        # fragment it).
+        with reuse_freed_memory(latents.device):
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
                 # With guidance the context holds [unconditional, conditional] rows for the same sample: the UNet
                 # fans the sample out itself, after the layers the context cannot influence.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import platform
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -305,7 +306,7 @@ def test_to_moves_and_casts_in_place_and_returns_the_pipeline() -> None:
         (lambda p: p.to("cpu", device="cpu"), TypeError, "device given twice"),
         (lambda p: p.to(torch.float16, dtype=torch.float16), TypeError, "dtype given twice"),
         (lambda p: p.to("cpu", torch.float16, None), TypeError, "at most 2 positional arguments"),
-        (lambda p: p.to("gpu"), ValueError, "device: expected a torch device such as 'cpu'"),
+        (lambda p: p.to("gpu"), ValueError, "device: expected 'auto', 'cpu', 'cuda'"),
         (lambda p: p.to(dtype=torch.float16, torch_dtype=torch.bfloat16), TypeError,
          "torch_dtype=torch.bfloat16 and dtype=torch.float16 disagree"),
     ],
@@ -330,3 +331,19 @@ def test_a_cast_pipeline_paints_like_one_loaded_in_that_dtype() -> None:
     loaded = PaintByExample.from_pretrained(HUB, torch_dtype=torch.bfloat16)
     np.testing.assert_array_equal(_paint(cast, image, mask, output_type="np"),
                                   _paint(loaded, image, mask, output_type="np"))
+
+
+def test_half_precision_without_cpu_instructions_warns_once_at_the_callers_line(monkeypatch) -> None:
+    monkeypatch.setattr(pbe.devices, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))  # an AVX2-only CPU
+    monkeypatch.setattr(pbe.devices, "_warned", set())
+    with pytest.warns(pbe.devices.SlowPrecisionWarning, match="bfloat16 on this CPU is slow") as caught:
+        pipe = PaintByExample.from_pretrained(HUB, torch_dtype=torch.bfloat16)
+    assert [w.filename for w in caught] == [__file__]  # the warning points at the line that asked for it
+    assert "torch_dtype=torch.float32" in str(caught[0].message)
+    with pytest.warns(pbe.devices.SlowPrecisionWarning, match="float16 on this CPU is slow") as caught:
+        pipe.to(torch.float16)
+    assert [w.filename for w in caught] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.to(torch.float32)  # native everywhere: no warning
+        pipe.to(torch.float16)  # already said once in this process
