@@ -111,16 +111,15 @@ def read_manifest(path: str | os.PathLike[str]) -> list[Row]:
 
 
 def _jsonl_records(text: str, name: str) -> Iterable[tuple[str, Mapping[str, Any]]]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    for index, (number, line) in enumerate(lines):
         where = f"{name} line {number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ManifestError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            raise ManifestError(f"row {index} ({where}): not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(record, dict):
-            raise ManifestError(f"{where}: expected a JSON object such as "
+            raise ManifestError(f"row {index} ({where}): expected a JSON object such as "
                                 f'{{"image": ..., "mask": ..., "example": ...}}, got {type(record).__name__}')
         yield where, record
 
@@ -132,12 +131,15 @@ def _csv_records(text: str, name: str) -> Iterable[tuple[str, Mapping[str, Any]]
     if missing:
         raise ManifestError(f"{name} line 1: the CSV header must name the columns {', '.join(INPUT_FIELDS)} "
                             f"(optional: seed, output); missing {', '.join(missing)}, got {', '.join(header) or 'nothing'}")
-    for record in reader:
+    index = 0
+    for record in reader:  # DictReader skips empty lines itself
         where = f"{name} line {reader.line_num}"
         if None in record:  # DictReader files cells past the header under the key None
-            raise ManifestError(f"{where}: {len(header) + len(record[None])} cells for {len(header)} header columns")
+            raise ManifestError(f"row {index} ({where}): {len(header) + len(record[None])} cells for {len(header)} "
+                                "header columns")
         if all(value is None or not value.strip() for value in record.values()):
-            continue  # a blank line
+            continue  # a line of blank cells
+        index += 1
         # A short row leaves the last columns None; an empty cell means "not given", as an absent JSON key.
         yield where, {key: value for key, value in record.items() if value not in (None, "")}
 
