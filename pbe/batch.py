@@ -130,7 +130,8 @@ def _csv_records(text: str, name: str) -> Iterable[tuple[str, Mapping[str, Any]]
     missing = [field for field in INPUT_FIELDS if field not in header]
     if missing:
         raise ManifestError(f"{name} line 1: the CSV header must name the columns {', '.join(INPUT_FIELDS)} "
-                            f"(optional: seed, output); missing {', '.join(missing)}, got {', '.join(header) or 'nothing'}")
+                            f"(optional: seed, output); missing {', '.join(missing)}, "
+                            f"got {', '.join(header) or 'nothing'}")
     index = 0
     for record in reader:  # DictReader skips empty lines itself
         where = f"{name} line {reader.line_num}"
@@ -313,7 +314,8 @@ def _load_row(row: Row) -> dict[str, Any]:
             raise OSError(f"{field}: {err}") from None
     if inputs["image"].size != inputs["mask"].size:
         raise ValueError(f"mask {str(row.mask)!r} is {'x'.join(map(str, inputs['mask'].size))} pixels but image "
-                         f"{str(row.image)!r} is {'x'.join(map(str, inputs['image'].size))}; they must be the same size")
+                         f"{str(row.image)!r} is {'x'.join(map(str, inputs['image'].size))}; "
+                         "they must be the same size")
     return inputs
 
 

@@ -167,15 +167,16 @@ def _paint(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- pbe batch ---------------------------------------------------------------------------------------------------------
+# ---- pbe batch -------------------------------------------------------------------------------------------------------
 
 
 def _add_batch_parser(commands: argparse._SubParsersAction) -> None:
     batch_ = commands.add_parser(
         "batch", help="paint every row of a manifest with one model load (restartable; torchrun spreads it over GPUs)",
-        description="Paint every row of MANIFEST into --output-dir. Rows whose output exists are skipped (--overwrite "
-                    "redoes them), so a killed run continues where it stopped. Under torchrun --nproc_per_node N -m pbe "
-                    "batch ..., row i is painted by rank i mod WORLD_SIZE, on cuda:LOCAL_RANK when CUDA is present.")
+        description="Paint every row of MANIFEST into --output-dir. Rows whose output exists are skipped "
+                    "(--overwrite redoes them), so a killed run continues where it stopped. Under torchrun "
+                    "--nproc_per_node N -m pbe batch ..., row i is painted by rank i mod WORLD_SIZE, "
+                    "on cuda:LOCAL_RANK when CUDA is present.")
     batch_.add_argument("manifest", type=Path,
                         help="JSONL (.jsonl, one object per line) or CSV (.csv, with a header) with the fields image, "
                              "mask, example (paths relative to the manifest's folder) and optional seed and output "

@@ -210,7 +210,7 @@ def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch) -> None:
     assert _batch_device(None, 3) == "cpu"
 
 
-# ---- painting --------------------------------------------------------------------------------------------------------
+# ---- painting ------------------------------------------------------------------------------------------------------
 
 
 def test_batch_paints_reports_bad_rows_goes_on_and_each_row_repeats_with_pbe_paint(tmp_path, hub, data) -> None:
@@ -319,12 +319,13 @@ def test_a_row_failing_inside_the_pipeline_is_reported_and_the_run_goes_on(tmp_p
     assert pbe.batch.count(outcomes) == {"painted": 2, "skipped": 0, "failed": 1}
 
 
-# ---- several processes -------------------------------------------------------------------------------------------------
+# ---- several processes ---------------------------------------------------------------------------------------------
 
 
 def distributed_manifest(folder: Path, data: Path) -> Path:
     """Rank 0 of 2 gets the rows 0, 2, 4, 6: all bad, so it is done long before rank 1 has painted its 4 good rows."""
-    bad = [row("missing.png"), row("corrupt.png"), row("missing.png", output="m2.png"), row("corrupt.png", output="c2.png")]
+    bad = [row("missing.png"), row("corrupt.png"),
+           row("missing.png", output="m2.png"), row("corrupt.png", output="c2.png")]
     records = [record for pair in zip(bad, GOOD[:4]) for record in pair]
     return write_jsonl(folder / "m.jsonl", [dict(r, image=str(data / r["image"]), mask=str(data / "mask.png"),
                                                  example=str(data / "example.png")) for r in records])
