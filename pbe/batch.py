@@ -254,7 +254,8 @@ class Ranks:
 
 
 def ranks_from_environment(environ: Mapping[str, str] = os.environ) -> Ranks:
-    """Read RANK, WORLD_SIZE and LOCAL_RANK (absent: one process, rank 0).
+    """Read RANK, WORLD_SIZE and LOCAL_RANK (RANK and WORLD_SIZE absent: one process; LOCAL_RANK absent: RANK,
+    right on one machine; torchrun, accelerate and Slurm wrappers set all three).
 
     Raises:
         ValueError: a value that is not an integer, or a rank outside 0 .. WORLD_SIZE - 1.
@@ -339,6 +340,7 @@ def paint_manifest(
     ranks: Ranks = Ranks(),
     progress: bool = True,
     on_outcome: Callable[[RowOutcome], None] | None = None,
+    **pipe_kwargs: Any,
 ) -> list[RowOutcome]:
     """Paint the rows of a manifest (``rows``: from ``read_manifest``/``parse_rows``, or a manifest path) into
     ``output_dir``, one row at a time, and return one outcome per row of this rank, in row order.
@@ -349,6 +351,7 @@ def paint_manifest(
     memory, ...) is reported in its outcome and the run goes on. Rows whose output exists are skipped unless
     ``overwrite``. With ``ranks`` this process only handles rows ``i`` with ``i mod world_size == rank``.
     ``on_outcome`` is called after each row (the CLI prints failures with it); ``progress`` shows a bar over rows.
+    Other keyword arguments go to ``pipe(...)`` as they are (``scheduler``, ``eta``, ...).
 
     Raises:
         ManifestError: a malformed manifest, or a row whose output is an input file (before anything is painted).
@@ -377,7 +380,7 @@ def paint_manifest(
             inputs = _load_row(row)
             painted = pipe(inputs["example"], inputs["image"], inputs["mask"], num_inference_steps=num_inference_steps,
                            guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(row_seed_),
-                           keep_unmasked=keep_unmasked, mask_blur=mask_blur, progress=False).images[0]
+                           keep_unmasked=keep_unmasked, mask_blur=mask_blur, progress=False, **pipe_kwargs).images[0]
             save_image(painted, output)
             outcome = RowOutcome(row, "painted", row_seed_, output)
         except Exception as err:  # noqa: BLE001 -- one bad row must not end a run of thousands; the outcome says why
