@@ -29,6 +29,7 @@ LAYERS = [
     ("weights_convert",),  # the foreign layouts -> pbe's names
     ("pbe.loading",),
     ("pbe.pipeline",),
+    ("pbe.batch",),  # many pictures, many processes: on top of the pipeline
     ("pbe.cli",),
     ("pbe.__main__",),  # `python -m pbe`
 ]
