@@ -148,7 +148,7 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(self.norm1(x))
         if self.time_proj is not None:
-            h = add_into(h, rearrange(self.time_proj(F.silu(time_emb)), "b c -> b c 1 1"))
+            h = add_into(h, self.time_proj(F.silu(time_emb))[:, :, None, None])  # one value per channel
         h = self.conv2(self.norm2(h))
         return add_into(h, self.skip(x))
 
