@@ -86,7 +86,7 @@ def test_the_hook_flags_mixed_dtypes() -> None:
 
 @torch.no_grad()
 def test_the_cpu_keeps_float32_norm_weights() -> None:
-    """On the CPU the norms still get float32 weights with bfloat16 activations (fast, same bits), and the hook sees it."""
+    """On the CPU the norms keep float32 weights with bfloat16 activations (fast, same bits); the hook flags them."""
     config = UNetConfig(channels=(8, 16), cross_attention=(True, False), heads=2, context_dim=24, norm_groups=4)
     model = UNet(config).to(torch.bfloat16)
     with MixedDtypeRecorder() as recorder:

@@ -169,7 +169,10 @@ def test_float16_matches_reference(reference) -> None:
     reference_float16 = _diffusers_float16_outputs(reference)
     dtype = torch.float16
     nets = pbe.load(HUB, dtype=dtype)
-    check = lambda ours, key, what: _check(ours, reference, key, dtype, what, reference_float16=reference_float16)  # noqa: E731
+
+    def check(ours: torch.Tensor, key: str, what: object) -> None:
+        _check(ours, reference, key, dtype, what, reference_float16=reference_float16)
+
     cases = sorted({k.split(".")[1] for k in reference if k.startswith("unet4.")})
     for case in cases:
         r = lambda name: reference[f"unet4.{case}.{name}"]  # noqa: E731

@@ -154,5 +154,5 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(self.quant_conv(self.encoder(conv_layout(x))))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent [B, 4, h, w] (unscaled: divide by the scaling factor first) -> image [B, 3, 8 h, 8 w] in about [-1, 1]."""
+        """Latent [B, 4, h, w] (unscaled: divide by the scaling factor first) -> image [B, 3, 8h, 8w], about [-1, 1]."""
         return self.decoder(self.post_quant_conv(conv_layout(z)))
