@@ -23,6 +23,7 @@ from .checkpoint import CheckpointError
 from .files import write_atomically
 from .loading import DEFAULT_REPO
 from .pipeline import PaintByExample
+from .schedulers import SCHEDULERS
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     paint.add_argument("--guidance", type=float, default=5.0,
                        help="classifier-free guidance scale; 1 or less turns guidance off (default 5)")
     paint.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
-    paint.add_argument("--scheduler", choices=("pndm", "ddim", "lms"), default="pndm", help="sampler (default pndm)")
+    paint.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="pndm", help="sampler (default pndm)")
     paint.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="network precision (default fp32)")
     paint.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     paint.add_argument("--num-images", type=int, default=1, help="images to paint (default 1)")
