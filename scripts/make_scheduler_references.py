@@ -8,7 +8,9 @@ difference comes from the schedulers alone.
 
 Stored per case and step count n: `{case}.{n}.timesteps` (float64), `{case}.{n}.init_noise_sigma`, and
 `{case}.{n}.latents` [steps, *SHAPE] (float32, the sample after every step); plus `initial` (the unit noise).
-The case settings (scheduler name, overrides, eta, source config) are in the metadata as JSON.
+The case settings (scheduler name, overrides, eta, source config) are in the metadata as JSON. Whole pipeline
+runs per sampler (`pipeline.{name}.{guided,unguided}.{images,latents}`) come from diffusers' PaintByExamplePipeline
+on the tiny stand-in in tests/fixtures/hub.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/make_scheduler_references.py
 """
@@ -147,9 +149,61 @@ def scheduler_references() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                      "step_counts": STEP_COUNTS, "step_seed": STEP_SEED, "diffusers": diffusers.__version__}
 
 
+PIPELINE_SAMPLERS = ("lms", "euler", "euler-ancestral", "dpmpp-2m", "dpmpp-2m-karras", "unipc")
+PIPELINE_STEPS = 5  # enough for the multistep samplers' second-order steps between their first-order ends
+PIPELINE_SIZE = (40, 56)  # height, width: multiples of 8, not square
+
+
+def _picture(height: int, width: int, seed: int) -> np.ndarray:
+    """A smooth uint8 RGB picture [H, W, 3] with a flat rectangle."""
+    rng = np.random.default_rng(seed)
+    y, x = np.linspace(0, 1, height)[:, None, None], np.linspace(0, 1, width)[None, :, None]
+    picture = 0.5 + 0.3 * (rng.uniform(-1, 1, 3) * (y - 0.5) + rng.uniform(-1, 1, 3) * (x - 0.5))
+    picture[height // 4: height // 2, width // 3: width // 2] = rng.uniform(0.1, 0.9, 3)
+    return np.clip(np.rint(picture * 255), 0, 255).astype(np.uint8)
+
+
+def pipeline_references(sources: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """diffusers' PaintByExamplePipeline on the tiny components of tests/fixtures/hub, its scheduler swapped the documented way
+    (`pipe.scheduler = Cls.from_config(pndm.config)`, pndm from the hub's scheduler_config.json), each sampler with
+    and without guidance at a non-square size: images (output_type "np") and latents."""
+    import importlib.util
+
+    from PIL import Image
+
+    # The tiny stand-in components and diffusers' pipeline on them, as the main fixture script builds them.
+    spec = importlib.util.spec_from_file_location("make_reference_tensors", ROOT / "scripts" / "make_reference_tensors.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    pipe = script.reference_pipeline(script.build_components())
+    height, width = PIPELINE_SIZE
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[8:30, 12:44] = 255
+    inputs = {"image": _picture(height, width, 500), "example": _picture(48, 36, 501), "mask": mask}
+    tensors = {f"pipeline.inputs.{k}": torch.from_numpy(v.copy()) for k, v in inputs.items()}
+    cases = {}
+    for seed, name in enumerate(PIPELINE_SAMPLERS):
+        for guidance in (5.0, 1.0):
+            case = f"pipeline.{name}.{'guided' if guidance > 1 else 'unguided'}"
+            cases[case] = {"scheduler": name, "guidance": guidance, "seed": 100 + seed, "steps": PIPELINE_STEPS}
+            for output_type, key in (("np", "images"), ("latent", "latents")):
+                cls, named = CLASSES[name]
+                pipe.scheduler = cls.from_config(sources["hub"].config, **named)
+                result = pipe(image=Image.fromarray(inputs["image"]), mask_image=Image.fromarray(inputs["mask"]),
+                              example_image=Image.fromarray(inputs["example"]), num_inference_steps=PIPELINE_STEPS,
+                              guidance_scale=guidance, generator=torch.Generator().manual_seed(100 + seed),
+                              output_type=output_type).images
+                tensors[f"{case}.{key}"] = torch.as_tensor(result).to(torch.float32).contiguous()
+                assert torch.isfinite(tensors[f"{case}.{key}"]).all(), case
+    return tensors, cases
+
+
 def main() -> None:
     torch.set_num_threads(1)
     tensors, meta = scheduler_references()
+    pipeline_tensors, meta["pipeline_cases"] = pipeline_references(source_schedulers())
+    tensors |= pipeline_tensors
     save_file(tensors, OUTPUT, metadata={"settings": json.dumps(meta)})
     print(f"wrote {OUTPUT} ({OUTPUT.stat().st_size / 1e6:.2f} MB, {len(tensors)} tensors)")
 

@@ -213,3 +213,34 @@ def test_one_pipeline_from_two_threads() -> None:
         thread.join()
     for name in calls:
         assert torch.equal(results[name], alone[name]), name
+
+
+PIPELINE_CASES = SETTINGS["pipeline_cases"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from pbe import PaintByExample
+
+    return PaintByExample.from_pretrained(HUB)
+
+
+@pytest.mark.parametrize("case", list(PIPELINE_CASES))
+@torch.no_grad()
+def test_whole_pipeline_matches_diffusers(pipe, case: str) -> None:
+    """Each sampler through the whole pipeline, with and without guidance, at 40 x 56: images within 1e-4, latents
+    within 1e-4 relative of diffusers' PaintByExamplePipeline with `pipe.scheduler = Cls.from_config(pndm.config)`."""
+    import PIL.Image
+
+    settings = PIPELINE_CASES[case]
+    example, image, mask = (PIL.Image.fromarray(REFERENCE[f"pipeline.inputs.{k}"].numpy())
+                            for k in ("example", "image", "mask"))
+    for output_type, key, tolerance in (("np", "images", 1e-4), ("latent", "latents", 1e-4)):
+        result = pipe(example, image, mask, num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                      scheduler=make_scheduler(settings["scheduler"]), output_type=output_type, progress=False,
+                      generator=torch.Generator().manual_seed(settings["seed"])).images
+        ref = REFERENCE[f"{case}.{key}"]
+        result = torch.as_tensor(result)
+        assert result.shape == ref.shape
+        err = (result - ref).abs().max().item() if key == "images" else relative_error(result, ref)
+        assert err <= tolerance, f"{case} {key}: off by {err:.3g}"
