@@ -73,6 +73,29 @@ class MultistepRun(Run):
         return model_output  # "sample"
 
 
+class DPMSolverRun(MultistepRun):
+    def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
+              generator: torch.Generator | None) -> torch.Tensor:
+        """With r = h_{i-1} / h_i and D = x_0 predictions (Lu et al. 2022, Algorithm 2, "midpoint"):
+
+            x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) (D_i + (D_i - D_{i-1}) / (2 r))
+
+        first order (the D_i term alone) at the first step and at the last (down to sigma = 0, where it gives D_i).
+        """
+        x0 = self._pred_x0(i, model_output, sample)
+        self.x0_history = self.x0_history[-1:] + [x0]
+        sample = sample.to(torch.float32)  # Reference quirk: the update runs in float32 whatever the sample's dtype
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(i + 1)
+        _, sigma_s, lambda_s = self._alpha_sigma_lambda(i)
+        h = lambda_t - lambda_s
+        prev_sample = (sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+        if 0 < i < len(self.timesteps) - 1:
+            r = (lambda_s - self._alpha_sigma_lambda(i - 1)[2]) / h
+            d1 = (1.0 / r) * (x0 - self.x0_history[0])
+            prev_sample = prev_sample - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
+        return prev_sample.to(model_output.dtype)
+
+
 class DPMSolverMultistepScheduler(_MultistepScheduler):
     """DPM-Solver++(2M): second-order multistep in lambda, first order at the first and last steps."""
 
@@ -112,30 +135,64 @@ class DPMSolverMultistepScheduler(_MultistepScheduler):
                    "use_beta_sigmas": (False,), "use_lu_lambdas": (False,), "use_flow_sigmas": (False,),
                    "final_sigmas_type": ("zero",), "lambda_min_clipped": (-float("inf"),), "variance_type": (None,),
                    "rescale_betas_zero_snr": (False,), "use_dynamic_shifting": (False,)}
+    _run = DPMSolverRun
     _round_karras_timesteps = False
 
 
-class DPMSolverRun(MultistepRun):
+class UniPCRun(MultistepRun):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_sample: torch.Tensor | None = None  # the sample the previous prediction started from
+        self.last_order = 0  # the order of the previous prediction
+
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
               generator: torch.Generator | None) -> torch.Tensor:
-        """With r = h_{i-1} / h_i and D = x_0 predictions (Lu et al. 2022, Algorithm 2, "midpoint"):
-
-            x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) (D_i + (D_i - D_{i-1}) / (2 r))
-
-        first order (the D_i term alone) at the first step and at the last (down to sigma = 0, where it gives D_i).
-        """
-        x0 = self._pred_x0(i, model_output, sample)
+        """Correct the sample predicted last step with this step's model output (UniC), then predict the next one
+        (UniP): order 1 at the first step and the last, 2 in between."""
+        x0 = self._pred_x0(i, model_output, sample)  # from the uncorrected sample, as diffusers
+        if i > 0 and i - 1 not in self.config.disable_corrector:
+            sample = self._update(i - 1, self.last_sample, self.x0_history, self.last_order, new_x0=x0)
         self.x0_history = self.x0_history[-1:] + [x0]
-        sample = sample.to(torch.float32)  # Reference quirk: the update runs in float32 whatever the sample's dtype
+        self.last_sample, self.last_order = sample, min(2, len(self.timesteps) - i, i + 1)
+        return self._update(i, sample, self.x0_history, self.last_order)
+
+    def _update(self, i: int, x: torch.Tensor, history: list[torch.Tensor], order: int, *,
+                new_x0: torch.Tensor | None = None) -> torch.Tensor:
+        """UniP (`new_x0` None) or UniC over timestep index i -> i + 1 (Zhao et al. 2023, eqs. 7 and 8, data form):
+
+            x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) m_i - alpha_{i+1} B(h) sum_k rho_k D_k
+
+        with m the x_0 predictions (m_i = history[-1]), B(h) = e^{-h} - 1, D_1 = (m_{i-1} - m_i) / r_1,
+        r_1 = (lambda_{i-1} - lambda_i) / h, and for UniC also D_new = new_x0 - m_i (r = 1). UniP-2 and UniC-1 take
+        rho = 1/2; UniC-2 solves for its two rho.
+        """
         alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(i + 1)
         _, sigma_s, lambda_s = self._alpha_sigma_lambda(i)
-        h = lambda_t - lambda_s
-        prev_sample = (sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0
-        if 0 < i < len(self.timesteps) - 1:
-            r = (lambda_s - self._alpha_sigma_lambda(i - 1)[2]) / h
-            d1 = (1.0 / r) * (x0 - self.x0_history[0])
-            prev_sample = prev_sample - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
-        return prev_sample.to(model_output.dtype)
+        m0 = history[-1]
+        hh = -(lambda_t - lambda_s)  # -h: the data-prediction form integrates in -lambda
+        h_phi_1 = torch.expm1(hh)  # h phi_1(h) = e^h - 1
+        b_h = torch.expm1(hh)  # B(h), "bh2"
+        prediction = sigma_t / sigma_s * x - alpha_t * h_phi_1 * m0
+        d1 = None
+        if order == 2:
+            r1 = (self._alpha_sigma_lambda(i - 1)[2] - lambda_s) / -hh
+            d1 = (history[-2] - m0) / r1
+        if new_x0 is None:  # UniP: rho = 1/2 for its one difference (order 2), none at order 1
+            if d1 is not None:
+                prediction = prediction - alpha_t * b_h * (0.5 * d1)
+            return prediction.to(x.dtype)
+        # UniC: the differences are D_1 (order 2) and D_new = new_x0 - m_i, with r = 1 for the new point.
+        if order == 1:
+            correction = 0.5 * (new_x0 - m0)
+        else:
+            # Solve [[1, 1], [r1, 1]] (rho_1, rho_new) = (b_1, b_2), b_p = p! g_p / B(h), g_1 = phi_1(-h) - 1 in
+            # diffusers' scaling (h phi_1 / -h - 1), g_2 = g_1 / -h - 1/2.
+            g1 = h_phi_1 / hh - 1
+            b1, b2 = g1 / b_h, (g1 / hh - 0.5) * 2 / b_h
+            rho_1 = (b1 - b2) / (1 - r1)
+            rho_new = b1 - rho_1
+            correction = rho_1.to(x.dtype) * d1 + rho_new.to(x.dtype) * (new_x0 - m0)
+        return (prediction - alpha_t * b_h * correction).to(x.dtype)
 
 
 class UniPCMultistepScheduler(_MultistepScheduler):
@@ -177,63 +234,5 @@ class UniPCMultistepScheduler(_MultistepScheduler):
                    "use_flow_sigmas": (False,), "final_sigmas_type": ("zero",), "rescale_betas_zero_snr": (False,),
                    "use_dynamic_shifting": (False,), "sigma_min": (None,), "sigma_max": (None,),
                    "shift_terminal": (None,)}
+    _run = UniPCRun
     _round_karras_timesteps = True
-
-
-class UniPCRun(MultistepRun):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.last_sample: torch.Tensor | None = None  # the sample the previous prediction started from
-        self.last_order = 0  # the order of the previous prediction
-
-    def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
-        """Correct the sample predicted last step with this step's model output (UniC), then predict the next one
-        (UniP): order 1 at the first step and the last, 2 in between."""
-        x0 = self._pred_x0(i, model_output, sample)  # from the uncorrected sample, as diffusers
-        if i > 0 and i - 1 not in self.config.disable_corrector:
-            sample = self._update(i - 1, self.last_sample, self.x0_history, self.last_order, new_x0=x0)
-        self.x0_history = self.x0_history[-1:] + [x0]
-        self.last_sample, self.last_order = sample, min(2, len(self.timesteps) - i, i + 1)
-        return self._update(i, sample, self.x0_history, self.last_order)
-
-    def _update(self, i: int, x: torch.Tensor, history: list[torch.Tensor], order: int, *,
-                new_x0: torch.Tensor | None = None) -> torch.Tensor:
-        """UniP (new_x0 None) or UniC from timestep index i to i + 1 (Zhao et al. 2023, Algorithms 1 and 2):
-
-            x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} h phi_1(-h) m_i - alpha_{i+1} B(h) sum_k rho_k D_k
-
-        with m = x0 predictions (m_i = history[-1]), D_1 = (m_{i-1} - m_i) / r_1, r_1 = (lambda_{i-1} - lambda_i) / h,
-        and for UniC D_new = new_x0 - m_i. The rho solve sum_k rho_k r_k^(p-1) = g_p(h) p! / B(h) for p = 1 .. order,
-        g_1 = phi_1(-h) / (-h) - 1 ... (UniP-2 takes rho = 1/2; UniC-1 rho = 1/2).
-        """
-        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(i + 1)
-        _, sigma_s, lambda_s = self._alpha_sigma_lambda(i)
-        m0 = history[-1]
-        hh = -(lambda_t - lambda_s)  # -h: the data-prediction form integrates in -lambda
-        h_phi_1 = torch.expm1(hh)  # h phi_1(h) = e^h - 1
-        b_h = torch.expm1(hh)  # B(h), "bh2"
-        prediction = sigma_t / sigma_s * x - alpha_t * h_phi_1 * m0
-        d1 = None
-        if order == 2:
-            r1 = (self._alpha_sigma_lambda(i - 1)[2] - lambda_s) / -hh
-            d1 = (history[-2] - m0) / r1
-        if new_x0 is None:  # UniP
-            if d1 is not None:
-                prediction = prediction - alpha_t * b_h * (torch.ones(1, dtype=x.dtype) * 0.5 * d1)
-            return prediction.to(x.dtype)
-        # UniC: solve for rho with the new point's r = 1 appended.
-        g1 = h_phi_1 / hh - 1
-        b1 = g1 / b_h
-        if order == 1:
-            rho_d1, rho_new = None, torch.ones(1, dtype=x.dtype) * 0.5
-        else:
-            b2 = (g1 / hh - 0.5) * 2 / b_h
-            rho_d1 = (b1 - b2) / (1 - r1)  # [[1, 1], [r1, 1]] rho = [b1, b2]
-            rho_new = b1 - rho_d1
-            rho_d1, rho_new = rho_d1.to(x.dtype), rho_new.to(x.dtype)
-        correction = rho_new * (new_x0 - m0) if d1 is None else rho_d1 * d1 + rho_new * (new_x0 - m0)
-        return (prediction - alpha_t * b_h * correction).to(x.dtype)
-
-
-DPMSolverMultistepScheduler._run, UniPCMultistepScheduler._run = DPMSolverRun, UniPCRun
