@@ -62,8 +62,10 @@ def _trained_betas() -> list[float]:
 def _cases() -> dict[str, dict[str, Any]]:
     cases: dict[str, dict[str, Any]] = {}
 
-    def case(name: str, scheduler: str, eta: float = 0.0, source: str = "hub", **overrides: Any) -> None:
-        cases[name] = {"scheduler": scheduler, "eta": eta, "source": source, "overrides": overrides}
+    def case(name: str, scheduler: str, eta: float = 0.0, source: str = "hub", steps: tuple[int, ...] = STEP_COUNTS,
+             **overrides: Any) -> None:
+        cases[name] = {"scheduler": scheduler, "eta": eta, "source": source, "steps": list(steps),
+                       "overrides": overrides}
 
     for name in CLASSES:  # every sampler as users build it from the official PNDM scheduler
         case(name, name)
@@ -86,6 +88,9 @@ def _cases() -> dict[str, dict[str, Any]]:
     case("ddim_zero_snr", "ddim", eta=0.3, rescale_betas_zero_snr=True, timestep_spacing="trailing",
          prediction_type="v_prediction")
     case("lms_karras", "lms", use_karras_sigmas=True)
+    # PNDM's Runge-Kutta warm-up (diffusers' default) takes 3 steps of 4 calls: it needs 4 steps or more.
+    case("pndm_prk", "pndm", steps=(4, 7, 20, 50), skip_prk_steps=False)
+    case("pndm_prk_v", "pndm", steps=(4, 7, 20), skip_prk_steps=False, prediction_type="v_prediction")
     # The new samplers off their defaults, where a user would go.
     for name in ("euler", "euler-ancestral", "dpmpp-2m", "unipc"):
         case(f"{name}_leading", name, timestep_spacing="leading")
@@ -141,7 +146,7 @@ def scheduler_references() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     cases = _cases()
     tensors = {"initial": initial_noise()}
     for case, settings in cases.items():
-        for steps in STEP_COUNTS:
+        for steps in settings["steps"]:
             for key, value in run_case(settings, steps, sources).items():
                 assert torch.isfinite(value).all(), (case, steps, key)
                 tensors[f"{case}.{steps}.{key}"] = value.contiguous()

@@ -64,8 +64,7 @@ def run(sched: Scheduler, steps: int, *, eta: float = 0.0, seed: int = SETTINGS[
     return trajectory
 
 
-@pytest.mark.parametrize("steps", SETTINGS["step_counts"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case, steps", [(case, steps) for case in CASES for steps in CASES[case]["steps"]])
 def test_matches_diffusers_after_every_step(case: str, steps: int) -> None:
     sched = build(case)
     this = sched.start(steps)
@@ -85,7 +84,7 @@ def test_every_sampler_and_config_key_is_covered() -> None:
     for name, keys in {"ddim": ("beta_schedule", "trained_betas", "timestep_spacing", "steps_offset", "prediction_type",
                                 "set_alpha_to_one", "clip_sample", "clip_sample_range", "rescale_betas_zero_snr"),
                        "pndm": ("beta_schedule", "trained_betas", "timestep_spacing", "steps_offset", "prediction_type",
-                                "set_alpha_to_one"),
+                                "set_alpha_to_one", "skip_prk_steps"),
                        "lms": ("beta_schedule", "trained_betas", "timestep_spacing", "steps_offset", "prediction_type",
                                "use_karras_sigmas")}.items():
         covered = {key for s in CASES.values() if s["scheduler"] == name for key in s["overrides"]}
@@ -134,7 +133,6 @@ def test_from_config_builds_the_class_the_file_names() -> None:
     "name, key, value",
     [
         ("ddim", "thresholding", True),
-        ("pndm", "skip_prk_steps", False),
         ("pndm", "prediction_type", "sample"),
         ("lms", "use_beta_sigmas", True),
         ("euler", "interpolation_type", "log_linear"),
@@ -159,6 +157,8 @@ def test_error_messages() -> None:
     for bad in (0, -1, 1001, 2.5, True):
         with pytest.raises(ValueError, match="num_inference_steps"):
             make_scheduler("pndm").start(bad)
+    with pytest.raises(ValueError, match="num_inference_steps: PNDM's Runge-Kutta warm-up .* at least 4 steps, got 3"):
+        PNDMScheduler().start(3)
     this = make_scheduler("lms").start(10)
     with pytest.raises(ValueError, match="in order"):
         this.step(torch.zeros(2), this.timesteps[1], torch.zeros(2))

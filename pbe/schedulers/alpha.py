@@ -90,7 +90,8 @@ def _x0_and_eps(prediction_type: str, model_output: torch.Tensor, sample: torch.
 
 
 class PNDMScheduler(Scheduler):
-    """PNDM with linear multistep noise estimates (PLMS): the official Paint by Example sampler."""
+    """PNDM: linear multistep noise estimates (PLMS), after a Runge-Kutta warm-up unless `skip_prk_steps` (Paint by
+    Example skips it)."""
 
     name = "pndm"
     diffusers_name = "PNDMScheduler"
@@ -102,28 +103,45 @@ class PNDMScheduler(Scheduler):
         "timestep_spacing": "leading",
         "steps_offset": 0,
     }
-    IMPLEMENTED = {"beta_schedule": BETA_SCHEDULES, "timestep_spacing": SPACINGS, "skip_prk_steps": (True,),
+    IMPLEMENTED = {"beta_schedule": BETA_SCHEDULES, "timestep_spacing": SPACINGS,
                    "prediction_type": ("epsilon", "v_prediction")}
 
     def _start(self, n: int) -> Run:
         spaced = spaced_timesteps(self.config, n).round().astype(np.int64)
-        # Reference quirk: the second timestep is repeated (981, 961, 961, 941, ..., 1 for 50 steps, so the model
-        # runs n + 1 times): the first step is taken twice, the second time with a better noise estimate.
-        timesteps = np.concatenate([spaced[:2], spaced[1:]])
-        return PNDMRun(self, torch.from_numpy(timesteps), num_inference_steps=n)
+        if self.config.skip_prk_steps:
+            # Reference quirk: the second timestep is repeated (981, 961, 961, 941, ..., 1 for 50 steps, so the
+            # model runs n + 1 times): the first step is taken twice, the second time with a better noise estimate.
+            timesteps = np.concatenate([spaced[:2], spaced[1:]])
+        else:
+            if n < 4:
+                raise ValueError(f"num_inference_steps: PNDM's Runge-Kutta warm-up (skip_prk_steps=False) needs at "
+                                 f"least 4 steps, got {n}")
+            # The first three steps by Runge-Kutta, each at t, t - d/2, t - d/2, t - d (d = T // n, halved rounding
+            # down), then PLMS from the fourth timestep: n + 9 model calls.
+            half = self.config.num_train_timesteps // n // 2
+            starts = spaced[:4][::-1]  # the four noisiest timesteps, ascending as diffusers builds them
+            prk = (np.repeat(starts, 2) + np.tile([0, half], 4))[:-1]
+            prk = np.repeat(prk, 2)[1:-1][::-1]
+            timesteps = np.concatenate([prk, spaced[3:]])
+        return PNDMRun(self, torch.from_numpy(timesteps.astype(np.int64)), num_inference_steps=n)
 
 
 class PNDMRun(_AlphaRun):
+    PRK_CALLS = 12  # model calls of the Runge-Kutta warm-up: 3 steps of 4
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.eps_history: list[torch.Tensor] = []  # the last (up to 4) noise predictions, oldest first
-        self.first_sample: torch.Tensor | None = None  # x at the first timestep, kept for the warm-up redo
+        self.first_sample: torch.Tensor | None = None  # x at the start of the step being (re)taken
+        self.rk_sum: torch.Tensor | float = 0  # the Runge-Kutta weighted sum of this step's noise predictions
 
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
               generator: torch.Generator | None) -> torch.Tensor:
-        """One PLMS step (`eta` and `generator` are ignored: PNDM is deterministic)."""
+        """One PLMS (or Runge-Kutta) step (`eta` and `generator` are ignored: PNDM is deterministic)."""
+        if not self.config.skip_prk_steps and i < self.PRK_CALLS:
+            return self._runge_kutta(i, model_output, sample)
         t, stride = int(self.timesteps[i]), self._stride
-        if i == 1:
+        if self.config.skip_prk_steps and i == 1:
             # Warm-up redo at the repeated timestep: go again from the first sample over the first step
             # (t + stride -> t), now with the mean of the noise predicted at both ends (a Heun-like 2nd-order step).
             eps = (model_output + self.eps_history[-1]) / 2
@@ -141,6 +159,22 @@ class PNDMRun(_AlphaRun):
         else:
             eps = (1 / 24) * (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4])
         return self._transfer(sample, t, t - stride, eps)
+
+    def _runge_kutta(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Call k = i % 4 of a pseudo Runge-Kutta step from t (Liu et al. 2022, eq. 13): each call transfers the
+        step's first sample to the next evaluation point, and the 4th uses eps' = (e1 + 2 e2 + 2 e3 + e4) / 6."""
+        k = i % 4
+        t = int(self.timesteps[i - k])  # the step's start
+        prev_t = int(self.timesteps[i]) - (0 if k % 2 else self.config.num_train_timesteps // self.num_inference_steps // 2)
+        if k == 0:
+            self.rk_sum = self.rk_sum + 1 / 6 * model_output
+            self.eps_history.append(model_output)
+            self.first_sample = sample
+        elif k in (1, 2):
+            self.rk_sum = self.rk_sum + 1 / 3 * model_output
+        else:
+            model_output, self.rk_sum = self.rk_sum + 1 / 6 * model_output, 0
+        return self._transfer(self.first_sample, t, prev_t, model_output)
 
     def _transfer(self, sample: torch.Tensor, t: int, prev_t: int, eps: torch.Tensor) -> torch.Tensor:
         """PNDM's transfer x_t -> x_prev for the noise estimate eps (Liu et al. 2022, eq. 9):
