@@ -10,6 +10,8 @@ Both step from t to t - T // n whatever the spacing (diffusers' rule), and the s
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -129,7 +131,7 @@ class PNDMScheduler(Scheduler):
 class PNDMRun(_AlphaRun):
     PRK_CALLS = 12  # model calls of the Runge-Kutta warm-up: 3 steps of 4
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.eps_history: list[torch.Tensor] = []  # the last (up to 4) noise predictions, oldest first
         self.first_sample: torch.Tensor | None = None  # x at the start of the step being (re)taken

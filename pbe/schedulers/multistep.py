@@ -16,6 +16,8 @@ Each step calls the model once; the previous x_0 predictions live in the run.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -52,7 +54,7 @@ class _MultistepScheduler(Scheduler):
 
 
 class MultistepRun(Run):
-    def __init__(self, *args, sigmas: torch.Tensor, **kwargs) -> None:
+    def __init__(self, *args: Any, sigmas: torch.Tensor, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sigmas = sigmas  # sigma at each timestep, then 0
         self.x0_history: list[torch.Tensor] = []  # the data predictions of the last steps, oldest first
@@ -140,7 +142,7 @@ class DPMSolverMultistepScheduler(_MultistepScheduler):
 
 
 class UniPCRun(MultistepRun):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.last_sample: torch.Tensor | None = None  # the sample the previous prediction started from
         self.last_order = 0  # the order of the previous prediction

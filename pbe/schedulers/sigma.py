@@ -14,6 +14,8 @@ which is the predicted noise eps. `scale_model_input` turns x back into the x_t 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -48,7 +50,7 @@ class _SigmaScheduler(Scheduler):
 
 
 class SigmaRun(Run):
-    def __init__(self, *args, sigmas: torch.Tensor, **kwargs) -> None:
+    def __init__(self, *args: Any, sigmas: torch.Tensor, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sigmas = sigmas  # sigma at each timestep, then 0
 
@@ -67,7 +69,7 @@ class SigmaRun(Run):
 
 
 class LMSRun(SigmaRun):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.derivatives: list[torch.Tensor] = []  # dx/dsigma at the last (up to 4) timesteps, oldest first
 
