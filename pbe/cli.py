@@ -28,6 +28,7 @@ from .errors import COMMAND_ERRORS, error_line
 from .files import write_atomically
 from .loading import DEFAULT_REPO
 from .pipeline import PaintByExample
+from .schedulers import SCHEDULERS
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     paint.add_argument("--guidance", type=float, default=5.0,
                        help="classifier-free guidance scale; 1 or less turns guidance off (default 5)")
     paint.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
-    paint.add_argument("--scheduler", choices=("pndm", "ddim", "lms"), default="pndm", help="sampler (default pndm)")
+    paint.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="pndm", help="sampler (default pndm)")
     paint.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                        help="network precision; auto: fp16 on a GPU, bf16 on a CPU with bfloat16 instructions "
                             "(AVX-512-BF16, AMX), fp32 on other CPUs (default auto)")

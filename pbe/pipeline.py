@@ -53,7 +53,7 @@ class PaintByExample:
         scheduler_config: dict[str, Any] | None = None,
     ) -> None:
         self.unet, self.vae, self.image_encoder = unet, vae, image_encoder
-        self.scheduler_config = dict(scheduler_config or {})
+        self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
         self.scheduler = make_scheduler(scheduler, self.scheduler_config) if isinstance(scheduler, str) else scheduler
 
     @classmethod
@@ -148,7 +148,8 @@ class PaintByExample:
         masked_pixels = pixels * keep_mask
 
         context = self._context(example_image, batch, n, guided)
-        timesteps = sched.set_timesteps(num_inference_steps)
+        run = sched.start(num_inference_steps)  # this call's timesteps and sampler state
+        timesteps = run.timesteps
 
         # Random draw 1: the initial noise.
         shape = (batch * n, self.vae.config.latent_channels, height // factor, width // factor)
@@ -156,7 +157,7 @@ class PaintByExample:
             latents = randn(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {list(shape)}, got {list(latents.shape)}")
-        latents = latents.to(device, dtype) * sched.init_noise_sigma
+        latents = latents.to(device, dtype) * run.init_noise_sigma
 
         # Random draw 2: the masked image's latent is a sample of the posterior, not its mean.
         # Reference quirk: the latent-size keep mask is a plain nearest resize of the pixel mask.
@@ -173,12 +174,12 @@ class PaintByExample:
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
                 # With guidance the context holds [unconditional, conditional] rows for the same sample: the UNet
                 # fans the sample out itself, after the layers the context cannot influence.
-                model_input = torch.cat([sched.scale_model_input(latents, t), masked_latents, latent_mask], dim=1)
+                model_input = torch.cat([run.scale_model_input(latents, t), masked_latents, latent_mask], dim=1)
                 eps = self.unet(model_input, t, context)
                 if guided:
                     eps_uncond, eps_cond = eps.chunk(2)
                     eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                latents = sched.step(eps, t, latents, eta=eta, generator=generator)
+                latents = run.step(eps, t, latents, eta=eta, generator=generator)
                 reported = i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0)
                 if callback is not None and reported and i % callback_steps == 0:
                     callback(i // order, int(t), latents)
