@@ -18,15 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 from weights_convert import command as convert_command
 
-from . import __version__, devices, images
+from . import __version__, batch, devices, images
 from .checkpoint import DTYPES
 from .errors import COMMAND_ERRORS, error_line
 from .files import write_atomically
 from .loading import DEFAULT_REPO
 from .pipeline import PaintByExample
+from .schedulers import SCHEDULERS
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -56,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     paint.add_argument("--guidance", type=float, default=5.0,
                        help="classifier-free guidance scale; 1 or less turns guidance off (default 5)")
     paint.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
-    paint.add_argument("--scheduler", choices=("pndm", "ddim", "lms"), default="pndm", help="sampler (default pndm)")
+    paint.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="pndm", help="sampler (default pndm)")
     paint.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                        help="network precision; auto: fp16 on a GPU, bf16 on a CPU with bfloat16 instructions "
                             "(AVX-512-BF16, AMX), fp32 on other CPUs (default auto)")
@@ -70,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
     convert_command.add_arguments(commands.add_parser("convert", help="convert a checkpoint to pbe's native .safetensors",
                                                       description=convert_command.DESCRIPTION))
+    _add_batch_parser(commands)
     return parser
 
 
@@ -175,11 +178,113 @@ def _paint(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- pbe batch -------------------------------------------------------------------------------------------------------
+
+
+def _add_batch_parser(commands: argparse._SubParsersAction) -> None:
+    batch_ = commands.add_parser(
+        "batch", help="paint every row of a manifest with one model load (restartable; torchrun spreads it over GPUs)",
+        description="Paint every row of MANIFEST into --output-dir. Rows whose output exists are skipped "
+                    "(--overwrite redoes them), so a killed run continues where it stopped. Under torchrun "
+                    "--nproc_per_node N -m pbe batch ..., row i is painted by rank i mod WORLD_SIZE, "
+                    "on cuda:LOCAL_RANK when CUDA is present.")
+    batch_.add_argument("manifest", type=Path,
+                        help="JSONL (.jsonl, one object per line) or CSV (.csv, with a header) with the fields image, "
+                             "mask, example (paths relative to the manifest's folder) and optional seed and output "
+                             "(relative to --output-dir; default: the image's file stem + .png)")
+    batch_.add_argument("-o", "--output-dir", required=True, type=Path, help="folder for the painted images")
+    batch_.add_argument("--overwrite", action="store_true", help="paint rows whose output already exists again")
+    batch_.add_argument("--checkpoint", default=DEFAULT_REPO,
+                        help=f"hub repo id (default {DEFAULT_REPO}), hub-layout folder, original model.ckpt "
+                             "or pbe .safetensors")
+    batch_.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    batch_.add_argument("--guidance", type=float, default=5.0,
+                        help="classifier-free guidance scale; 1 or less turns guidance off (default 5)")
+    batch_.add_argument("--seed", type=int, default=0,
+                        help="row i without a seed field is painted with seed SEED + i (default 0)")
+    batch_.add_argument("--scheduler", choices=("pndm", "ddim", "lms"), default="pndm", help="sampler (default pndm)")
+    batch_.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="network precision (default fp32)")
+    batch_.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N or mps (default: cuda:LOCAL_RANK when CUDA is present, else cpu; "
+                             "cuda alone also means cuda:LOCAL_RANK)")
+    batch_.add_argument("--keep-unmasked", action="store_true",
+                        help="paste the input back outside the mask (the model alone shifts its colours slightly)")
+    batch_.add_argument("--mask-blur", type=float, default=0.0,
+                        help="with --keep-unmasked: feather the seam by this many pixels (default 0: hard edge)")
+
+
+def _batch_device(requested: str | None, local_rank: int) -> str:
+    """The device of this rank: each rank on its own GPU unless --device names one."""
+    if requested is None:
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{local_rank}" if requested == "cuda" else requested
+
+
+def _row_as_paint(args: argparse.Namespace, row: batch.Row, output: Path) -> argparse.Namespace:
+    """The ``pbe paint`` arguments that paint ``row`` alone (its seed aside)."""
+    return argparse.Namespace(**{**vars(args), "image": row.image, "mask": row.mask, "example": row.example,
+                                 "output": output, "num_images": 1})
+
+
+def _batch(args: argparse.Namespace) -> int:
+    ranks = batch.ranks_from_environment()
+    args.device = _batch_device(args.device, ranks.local_rank)
+    # Everything that can be refused is refused before the model loads, on every rank alike.
+    rows = batch.read_manifest(args.manifest)
+    _check_arguments(_row_as_paint(args, rows[0], args.output_dir / rows[0].output))
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UsageError(f"--output-dir {args.output_dir}: is a file, not a folder")
+    batch.check_seeds(rows, args.seed)
+    batch.check_outputs_are_not_inputs(rows, args.output_dir)
+
+    mine = batch.rows_of_rank(rows, ranks)
+    pending = batch.pending_rows(rows, args.output_dir, ranks=ranks, overwrite=args.overwrite)
+    who = "" if ranks.world_size == 1 else f"rank {ranks.rank} of {ranks.world_size}: "
+    print(f"{who}{len(mine)} of {len(rows)} rows of {args.manifest}; {len(mine) - len(pending)} already painted "
+          f"(skipped), {len(pending)} to paint on {args.device}", file=sys.stderr)
+
+    def report(outcome: batch.RowOutcome) -> None:
+        if outcome.status == "failed":
+            tqdm.write(f"{who}{outcome.row.name} failed: {outcome.error}", file=sys.stderr)
+
+    batch.join_ranks(ranks)
+    if pending:
+        pipe = PaintByExample.from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device,
+                                              scheduler=args.scheduler)
+        outcomes = batch.paint_manifest(pipe, rows, args.output_dir, seed=args.seed, num_inference_steps=args.steps,
+                                        guidance_scale=args.guidance, keep_unmasked=args.keep_unmasked,
+                                        mask_blur=args.mask_blur, overwrite=args.overwrite, ranks=ranks,
+                                        on_outcome=report)
+    else:
+        outcomes = [batch.RowOutcome(row, "skipped", batch.row_seed(row, args.seed), args.output_dir / row.output)
+                    for row in mine]
+    counts = batch.count(outcomes)
+    totals = batch.total_counts(counts, ranks)
+
+    if ranks.world_size > 1:
+        print(f"{who}painted {counts['painted']}, skipped {counts['skipped']}, failed {counts['failed']}",
+              file=sys.stderr)
+    if ranks.rank == 0:
+        print(f"painted {totals['painted']}, skipped {totals['skipped']}, failed {totals['failed']} "
+              f"(of {len(rows)} rows)", file=sys.stderr)
+    failed = [outcome for outcome in outcomes if outcome.status == "failed"]
+    example = failed[0] if failed else outcomes[0] if outcomes and ranks.rank == 0 else None
+    if example is not None:
+        # On the CPU the thread count changes float rounding (reduction order): repeat with this process's count.
+        threads = f"OMP_NUM_THREADS={torch.get_num_threads()} " if torch.device(args.device).type == "cpu" else ""
+        print(f"to repeat {example.row.name} alone: {threads}"
+              f"{_repeat_command(_row_as_paint(args, example.row, example.output), example.seed)}\n"
+              f"(row i is painted with its seed field, else with --seed + i = {args.seed} + i)", file=sys.stderr)
+    return 1 if totals["failed"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "convert":
             return convert_command.run(args)
+        if args.command == "batch":
+            return _batch(args)
         return _paint(args)
     except COMMAND_ERRORS as err:
         print(error_line(err), file=sys.stderr)

@@ -30,7 +30,7 @@ from .loading import DEFAULT_REPO, PaintByExampleNetworks, load, resolve_checkpo
 from .memory import reuse_freed_memory
 from .model import AutoencoderKL, ImageEncoder, UNet
 from .model.noise import randn
-from .schedulers import Scheduler, make_scheduler
+from .schedulers import Run, Scheduler, make_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 Device = str | torch.device
@@ -98,7 +98,7 @@ class PaintByExample:
         scheduler_config: dict[str, Any] | None = None,
     ) -> None:
         self.unet, self.vae, self.image_encoder = unet, vae, image_encoder
-        self.scheduler_config = dict(scheduler_config or {})
+        self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
         self.scheduler = make_scheduler(scheduler, self.scheduler_config) if isinstance(scheduler, str) else scheduler
 
     @classmethod
@@ -216,14 +216,14 @@ class PaintByExample:
 
         inputs = self._prepare_inputs(image, mask_image)
         context = self._encode_examples(example_image, inputs.batch, n, guided=guided)
-        timesteps = sched.set_timesteps(num_inference_steps)
+        run = sched.start(num_inference_steps)  # this call's timesteps and sampler state
         # Random draws 1 and 2, in diffusers' order: the initial noise, then the masked image's latent.
-        latents = self._initial_latents(inputs, n, sched.init_noise_sigma, generator=generator, latents=latents)
+        latents = self._initial_latents(inputs, n, run.init_noise_sigma, generator=generator, latents=latents)
         masked_latents, latent_mask = self._masked_image_latents(inputs, n, generator=generator)
 
         latents = self._denoise(
-            sched, timesteps, latents, masked_latents=masked_latents, latent_mask=latent_mask, context=context,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, generator=generator,
+            run, latents, masked_latents=masked_latents, latent_mask=latent_mask, context=context,
+            guidance_scale=guidance_scale, eta=eta, generator=generator,
             callback=callback, callback_steps=callback_steps, progress=progress,
         )
         if output_type == "latent":
@@ -317,14 +317,12 @@ class PaintByExample:
 
     def _denoise(
         self,
-        sched: Scheduler,
-        timesteps: torch.Tensor,
+        run: Run,
         latents: torch.Tensor,
         *,
         masked_latents: torch.Tensor,
         latent_mask: torch.Tensor,
         context: torch.Tensor,
-        num_inference_steps: int,
         guidance_scale: float,
         eta: float,
         generator: torch.Generator | None,
@@ -333,8 +331,9 @@ class PaintByExample:
         progress: bool,
     ) -> torch.Tensor:
         """Stage 4, denoising, the loop. The UNet sees [noisy latent, masked-image latent, keep mask] along channels."""
-        order = getattr(sched, "order", 1)  # diffusers' meaning: model evaluations per reported step
-        warmup = len(timesteps) - num_inference_steps * order
+        timesteps = run.timesteps
+        order = run.scheduler.order  # diffusers' meaning: model evaluations per reported step
+        warmup = len(timesteps) - run.num_inference_steps * order
         # Every step allocates the same tensors again: on the CPU, keep freed memory for the next step instead of taking
         # fresh pages from the kernel (see pbe.memory; the autoencoder runs outside, its few large tensors would
         # fragment it).
@@ -342,12 +341,12 @@ class PaintByExample:
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
                 # With guidance the context holds [unconditional, conditional] rows for the same sample: the UNet
                 # fans the sample out itself, after the layers the context cannot influence.
-                model_input = torch.cat([sched.scale_model_input(latents, t), masked_latents, latent_mask], dim=1)
+                model_input = torch.cat([run.scale_model_input(latents, t), masked_latents, latent_mask], dim=1)
                 eps = self.unet(model_input, t, context)
                 if guidance_scale > 1.0:
                     eps_uncond, eps_cond = eps.chunk(2)
                     eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                latents = sched.step(eps, t, latents, eta=eta, generator=generator)
+                latents = run.step(eps, t, latents, eta=eta, generator=generator)
                 reported = i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0)
                 if callback is not None and reported and i % callback_steps == 0:
                     callback(i // order, int(t), latents)

@@ -291,7 +291,7 @@ def test_bf16_on_a_cpu_with_bf16_instructions_is_accepted(tmp_path, hub, inputs,
 
 def test_argparse_errors_exit_2(tmp_path, hub, inputs, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(paint_args(inputs, tmp_path / "out.png", hub, "--scheduler", "euler"))
+        main(paint_args(inputs, tmp_path / "out.png", hub, "--scheduler", "heun"))
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
 

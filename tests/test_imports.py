@@ -21,13 +21,15 @@ PACKAGES = ("pbe", "weights_convert")
 # The module map, lowest layer first. A module may import from lower layers, and from its own entry (pbe.model.unet
 # from pbe.model.layers, weights_convert.convert from weights_convert.mapping), never from above or beside it.
 LAYERS = [
-    ("pbe", "pbe.errors", "pbe.files", "pbe.memory"),  # leaves; `pbe` itself imports its public names lazily
+    ("pbe", "pbe.errors", "pbe.files", "pbe.memory", "pbe.devices"),  # leaves; `pbe` imports its public names lazily
     ("pbe.model",),  # the networks: torch (and einops) only
     ("pbe.schedulers", "pbe.images"),
+    ("pbe.regions",),  # large pictures: crops and paste-back, on top of pbe.images
     ("pbe.checkpoint",),  # pbe's file format and the safetensors reader, shared by the converter and the loader
     ("weights_convert",),  # the foreign layouts -> pbe's names
     ("pbe.loading",),
     ("pbe.pipeline",),
+    ("pbe.batch",),  # many pictures, many processes: on top of the pipeline
     ("pbe.cli",),
     ("pbe.__main__",),  # `python -m pbe`
 ]
@@ -55,7 +57,8 @@ def _source(module: str) -> Path:
 
 def _entry(module: str) -> str:
     """The LAYERS entry a module belongs to (the longest matching prefix)."""
-    matches = [e for layer in LAYERS for e in layer if module == e or module.startswith(f"{e}.")]
+    # `pbe` (the package's lazy __init__) matches only itself: a new module must be placed in LAYERS on purpose.
+    matches = [e for layer in LAYERS for e in layer if module == e or (e != "pbe" and module.startswith(f"{e}."))]
     assert matches, f"{module} is in no layer of LAYERS: add it where it belongs"
     return max(matches, key=len)
 

@@ -5,7 +5,9 @@ transformers (never pbe). float32 must agree to 1e-5 relative to the output's sc
 bit-identical). bfloat16 keeps 8 significant bits: each op rounds by up to 2^-9 relative and dozens of layers
 accumulate that, so bfloat16 must agree with the float32 reference to 2e-2 -- except where the REFERENCE ITSELF, run
 in bfloat16 on the same inputs (the ``*_bf16`` fixtures), strays further on these tiny random networks: there pbe may
-stray at most 1.25x as far as diffusers does (unet4 case b: diffusers' own bfloat16 error is 4.1e-2).
+stray at most 1.25x as far as diffusers does (unet4 case b: diffusers' own bfloat16 error is 4.1e-2). float16 keeps
+11 significant bits, three more than bfloat16, so its bound is 2^-3 of bfloat16's (2.5e-3), scaled the same way by
+diffusers' own float16 error, computed live (the fixtures hold no float16 outputs).
 """
 
 from __future__ import annotations
@@ -22,15 +24,20 @@ from weights_convert.convert import convert
 
 from conftest import HUB, HUB_SMALL, ORIGINAL_CKPT, ldm_base_config, relative_error
 
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2.5e-3}
 
 
-def _check(ours: torch.Tensor, reference: dict, key: str, dtype: torch.dtype, what: tuple) -> None:
+def _check(ours: torch.Tensor, reference: dict, key: str, dtype: torch.dtype, what: tuple,
+           *, reference_float16: dict | None = None) -> None:
+    """``ours`` within TOLERANCE[dtype] of the float32 reference, or within 1.25x the reference's own error in ``dtype``
+    (bfloat16: the committed ``*_bf16`` fixtures; float16: ``reference_float16``, diffusers' outputs computed live)."""
     tol = TOLERANCE[dtype]
     if dtype == torch.bfloat16:
         tol = max(tol, 1.25 * relative_error(reference[f"{key}_bf16"], reference[key]))
+    if dtype == torch.float16:
+        tol = max(tol, 1.25 * relative_error(reference_float16[key], reference[key]))
     assert ours.dtype == dtype
-    assert relative_error(ours, reference[key]) <= tol, what
+    assert relative_error(ours, reference[key]) <= tol, (what, relative_error(ours, reference[key]), tol)
 
 
 def _bin_to_safetensors(folder, names):
@@ -133,17 +140,52 @@ def test_unet_context_batch_must_be_a_multiple_of_the_sample_batch() -> None:
         unet(torch.randn(2, 9, 8, 8), 5, context)
 
 
+def _diffusers_float16_outputs(reference: dict) -> dict[str, torch.Tensor]:
+    """diffusers' networks, loaded from the hub stand-in in float16 the way its users load them, on the reference
+    inputs: the float16 yardstick, keyed like the reference outputs."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.pipelines.deprecated.paint_by_example.image_encoder import PaintByExampleImageEncoder
+
+    half = lambda key: reference[key].to(torch.float16)  # noqa: E731
+    unet = diffusers.UNet2DConditionModel.from_pretrained(HUB / "unet", torch_dtype=torch.float16)
+    vae = diffusers.AutoencoderKL.from_pretrained(HUB / "vae", torch_dtype=torch.float16)
+    encoder = PaintByExampleImageEncoder.from_pretrained(HUB / "image_encoder", torch_dtype=torch.float16)
+    out = {}
+    for case in sorted({k.split(".")[1] for k in reference if k.startswith("unet4.")}):
+        k = f"unet4.{case}"
+        timestep = reference[f"{k}.timestep"] if reference[f"{k}.timestep"].ndim else int(reference[f"{k}.timestep"])
+        out[f"{k}.out"] = unet(half(f"{k}.sample"), timestep, encoder_hidden_states=half(f"{k}.context")).sample
+    posterior = vae.encode(half("vae4.x")).latent_dist
+    out |= {f"vae4.{name}": getattr(posterior, name) for name in ("mean", "logvar", "std")}
+    out["vae4.decoded"] = vae.decode(half("vae4.z")).sample
+    out["image_encoder.out"] = encoder(half("image_encoder.pixel_values"))
+    return out
+
+
 @torch.no_grad()
-def test_float16_runs_where_supported() -> None:
-    """float16 runs without dtype errors (CPU kernels for half convolutions exist in torch >= 2.1)."""
-    nets = pbe.load(HUB_SMALL, dtype=torch.float16)
-    sample = torch.randn(1, 9, 8, 8, dtype=torch.float16)
-    context = torch.randn(1, 1, nets.config.unet.context_dim, dtype=torch.float16)
-    assert nets.unet(sample, 10, context).dtype == torch.float16
-    latent = nets.vae.encode(torch.rand(1, 3, 16, 16, dtype=torch.float16) * 2 - 1).sample()
-    assert nets.vae.decode(latent).dtype == torch.float16
-    size = nets.config.image_encoder.clip.image_size
-    assert nets.image_encoder(torch.randn(1, 3, size, size, dtype=torch.float16)).dtype == torch.float16
+def test_float16_matches_reference(reference) -> None:
+    """float16 (CPU kernels for half convolutions exist in torch >= 2.1) agrees with the float32 reference as closely
+    as diffusers' own networks in float16 do."""
+    reference_float16 = _diffusers_float16_outputs(reference)
+    dtype = torch.float16
+    nets = pbe.load(HUB, dtype=dtype)
+
+    def check(ours: torch.Tensor, key: str, what: object) -> None:
+        _check(ours, reference, key, dtype, what, reference_float16=reference_float16)
+
+    cases = sorted({k.split(".")[1] for k in reference if k.startswith("unet4.")})
+    for case in cases:
+        r = lambda name: reference[f"unet4.{case}.{name}"]  # noqa: E731
+        timestep = r("timestep") if r("timestep").ndim else int(r("timestep"))
+        check(nets.unet(r("sample").to(dtype), timestep, r("context").to(dtype)), f"unet4.{case}.out", case)
+        if f"unet4.{case}.shared_sample" in reference:
+            check(nets.unet(r("shared_sample").to(dtype), timestep, r("context").to(dtype)), f"unet4.{case}.out",
+                  (case, "shared"))
+    posterior = nets.vae.encode(reference["vae4.x"].to(dtype))
+    for name in ("mean", "logvar", "std"):
+        check(getattr(posterior, name), f"vae4.{name}", name)
+    check(nets.vae.decode(reference["vae4.z"].to(dtype)), "vae4.decoded", "decoded")
+    check(nets.image_encoder(reference["image_encoder.pixel_values"].to(dtype)), "image_encoder.out", "encoder")
 
 
 def test_parameters_are_frozen_and_in_eval_mode() -> None:

@@ -137,7 +137,7 @@ def test_denoising_loop_and_only_it_reuses_freed_memory(pipe, monkeypatch) -> No
         ({"num_inference_steps": 0}, "num_inference_steps: expected a positive integer"),
         ({"num_images_per_prompt": 0}, "num_images_per_prompt: expected a positive integer"),
         ({"output_type": "jpeg"}, "output_type: expected one of pil, np, pt, latent"),
-        ({"scheduler": "euler"}, "unknown scheduler 'euler'; valid names: pndm, ddim, lms"),
+        ({"scheduler": "heun"}, "scheduler: unknown name 'heun'; valid names: pndm, ddim, lms, euler"),
         ({"guidance_scale": float("nan")}, "guidance_scale: expected a finite number"),
         ({"callback_steps": 0}, "callback_steps: expected a positive integer"),
         ({"keep_unmasked": True, "output_type": "latent"}, "keep_unmasked"),

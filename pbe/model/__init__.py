@@ -1,4 +1,4 @@
-"""The three networks of Paint by Example, in plain PyTorch. Imports torch only."""
+"""The three networks of Paint by Example, in plain PyTorch. Imports torch and einops only."""
 
 from .autoencoder import AutoencoderKL, DiagonalGaussian
 from .config import AutoencoderConfig, CLIPVisionConfig, ImageEncoderConfig, PaintByExampleConfig, UNetConfig

@@ -8,6 +8,7 @@ Paint by Example and is not built.
 from __future__ import annotations
 
 import torch
+from einops import rearrange, repeat
 from torch import nn
 
 from .config import CLIPVisionConfig
@@ -38,10 +39,9 @@ class CLIPVisionTower(nn.Module):
         self.post_norm = LayerNorm(config.width, eps=config.norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        batch = pixel_values.shape[0]
-        # (B, 3, S, S) -> (B, P, width): one token per patch
-        patches = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
-        class_token = self.class_embed.expand(batch, 1, -1)
+        patches = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        patches = rearrange(patches, "b c h w -> b (h w) c")  # one token per patch
+        class_token = repeat(self.class_embed, "c -> b 1 c", b=len(pixel_values))
         x = torch.cat([class_token, patches], dim=1) + self.position_embed
         x = self.pre_norm(x)
         for layer in self.layers:

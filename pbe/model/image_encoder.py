@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .clip import CLIPVisionTower
@@ -35,8 +36,7 @@ class ImageEncoder(nn.Module):
         self.uncond_embedding = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # (B, width) -> (B, 1, width): the pooled class token is a sequence of one
-        x = self.clip(pixel_values)[:, None]
+        x = rearrange(self.clip(pixel_values), "b c -> b 1 c")  # the pooled class token is a sequence of one
         for block in self.mapper:
             x = block(x)
         return self.proj(self.final_norm(x))

@@ -1,0 +1,72 @@
+"""The committed scheduler fixture must be what diffusers computes today, and pbe's configs must be diffusers' own.
+
+Reruns scripts/make_scheduler_references.py's scheduler-only runs with diffusers (never pbe) and compares them with
+tests/fixtures/scheduler_reference.safetensors; builds every sampler and config case in both libraries the same way
+and compares the resulting configs key by key. Regenerate the fixture with
+`HF_HUB_OFFLINE=1 .venv/bin/python scripts/make_scheduler_references.py` if this fails after a deliberate change.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from pbe.schedulers import OFFICIAL_CONFIG, SCHEDULERS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "scheduler_reference.safetensors"
+# diffusers' LMS calls np.array on a tensor, which numpy 2 flags; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def _load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_scheduler_references",
+                                                  ROOT / "scripts" / "make_scheduler_references.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script() -> ModuleType:
+    return _load_script()
+
+
+def test_scheduler_fixture_is_what_diffusers_computes(script: ModuleType) -> None:
+    committed = load_file(FIXTURE)
+    with safe_open(FIXTURE, "pt") as f:
+        settings = json.loads(f.metadata()["settings"])
+    torch.set_num_threads(1)  # as the script
+    fresh, meta = script.scheduler_references()
+    assert meta["cases"] == settings["cases"]
+    for key, value in fresh.items():
+        # Scheduler arithmetic is elementwise (no reductions), so any CPU gives the same float32 numbers.
+        assert torch.equal(value, committed[key]), key
+
+
+def test_configs_equal_diffusers(script: ModuleType) -> None:
+    """Every case's scheduler config, built by pbe from the official config, equals diffusers' key by key
+    (`_use_default_values` as a set: diffusers' order is a set's)."""
+    sources = script.source_schedulers()
+    assert sources["hub"].config["_use_default_values"] == OFFICIAL_CONFIG["_use_default_values"]
+    for case, settings in script._cases().items():
+        cls, named = script.CLASSES[settings["scheduler"]]
+        ref = dict(cls.from_config(sources[settings["source"]].config, **named, **settings["overrides"]).config)
+        ours_cls, ours_named = SCHEDULERS[settings["scheduler"]]
+        source = OFFICIAL_CONFIG if settings["source"] == "hub" else dict(sources["fixture"].config)
+        ours = dict(ours_cls.from_config(source, **ours_named, **settings["overrides"]).config)
+        ref_defaults, our_defaults = set(ref.pop("_use_default_values", [])), set(ours.pop("_use_default_values", []))
+        ref.pop("_diffusers_version", None), ours.pop("_diffusers_version", None)
+        assert our_defaults == ref_defaults, case
+        assert ours == ref, case
