@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -353,19 +355,19 @@ def test_a_legacy_non_zip_torch_save_is_read(tmp_path, original_tensors) -> None
 
 
 class _RunsCode:
-    """A pickled object whose unpickling would call os.system (what a malicious checkpoint does)."""
+    """A pickled object whose unpickling would call ``function(*args)`` (what a malicious checkpoint does)."""
 
-    def __init__(self, command: str) -> None:
-        self.command = command
+    def __init__(self, function, *args) -> None:
+        self.function, self.args = function, args
 
     def __reduce__(self):
-        return os.system, (self.command,)
+        return self.function, self.args
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "torch.save legacy", "pickle"])
 def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, original_tensors, writer) -> None:
     marker = tmp_path / "MARKER"
-    payload = {"state_dict": dict(list(original_tensors.items())[:3]), "callbacks": _RunsCode(f"touch {marker}")}
+    payload = {"state_dict": dict(list(original_tensors.items())[:3]), "callbacks": _RunsCode(os.system, f"touch {marker}")}
     path = tmp_path / "model.ckpt"
     if writer == "pickle":
         path.write_bytes(pickle.dumps(payload, protocol=4))
@@ -377,6 +379,27 @@ def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, original_
     assert text.startswith(f"{path}: refused to run code from the checkpoint (it calls os.system)")
     assert "weights_only" not in text
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("function, name", [(subprocess.call, "subprocess.call"), (eval, "builtins.eval")])
+def test_other_code_running_calls_are_named(tmp_path, function, name) -> None:
+    marker = tmp_path / "MARKER"
+    args = (["touch", str(marker)],) if function is subprocess.call else (f"open({str(marker)!r}, 'w')",)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hparams": _RunsCode(function, *args)}, path)
+    with pytest.raises(CheckpointError, match=rf"refused to run code from the checkpoint \(it calls {name}\)"):
+        pbe.load(path)
+    assert not marker.exists()
+
+
+def test_pickled_objects_that_are_not_code_are_inert_stand_ins(tmp_path, original_tensors) -> None:
+    """Lightning pickles hyper-parameters too (paths, partials): loaded as empty shells, not refused as code."""
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": original_tensors, "hyper_parameters": {"dir": Path("/runs"), "act": functools.partial(max)}},
+               path)
+    unknown = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    assert "pathlib.PosixPath" in unknown or "pathlib.WindowsPath" in unknown
+    assert read_tensors(path).keys() == original_tensors.keys()
 
 
 # ---- interrupts and kills: nothing left behind, or a recognisable leftover the next run removes ----------------------
@@ -438,3 +461,18 @@ def test_python_m_weights_convert_reports_an_unwritable_output_in_one_line(tmp_p
                            str(tmp_path / "file" / "out.safetensors")], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_both_entry_points_handle_an_interrupt_alike_and_leave_nothing(tmp_path, capsys, monkeypatch) -> None:
+    import pbe.checkpoint
+
+    def interrupted_save(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pbe.checkpoint, "save_file", interrupted_save)
+    out = tmp_path / "out" / "pbe.safetensors"
+    for run in (convert_main, lambda a: pbe_main(["convert", *a])):
+        assert run([str(HUB_SMALL), str(out)]) == 130
+        assert capsys.readouterr().err == "interrupted\n"
+        assert list(out.parent.iterdir()) == []

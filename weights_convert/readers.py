@@ -6,12 +6,13 @@ what it is (empty, a Git LFS pointer, an HTML page, text...). Safetensors files 
 read with torch's ``weights_only`` unpickler, which never runs pickled code. A Lightning checkpoint also pickles
 objects of classes that are not importable here (callbacks, hyper-parameter namespaces); each such class is replaced
 by an inert stand-in before loading, so its objects load as empty shells and are then dropped. A pickle that names a
-function that runs code or touches the system (``os.system``, ``builtins.eval``, ``subprocess.*``...) is refused
-outright.
+function that runs code or touches the system (``os.system``, ``eval``, ``subprocess.*``...) is refused outright,
+named in the message; nothing of it runs.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import json
 import pickle
 import pickletools
@@ -25,11 +26,15 @@ from pbe.checkpoint import read_safetensors
 from pbe.errors import CheckpointError
 
 # Modules whose functions a checkpoint has no business calling: a pickle naming one of them is an attempt to run code.
+# (The classes Lightning pickles -- callbacks, paths, partials -- are loaded as inert stand-ins instead.)
 CODE_MODULES = frozenset({
-    "os", "posix", "nt", "subprocess", "sys", "builtins", "__builtin__", "shutil", "socket", "importlib", "runpy",
-    "code", "codeop", "pty", "ctypes", "marshal", "pickle", "_pickle", "types", "webbrowser", "multiprocessing",
-    "pathlib", "io", "_io", "functools", "operator", "tempfile", "asyncio", "signal", "pdb", "timeit", "platform",
+    "os", "posix", "nt", "subprocess", "_posixsubprocess", "sys", "shutil", "socket", "importlib", "runpy", "code",
+    "codeop", "pty", "ctypes", "marshal", "pickle", "_pickle", "webbrowser", "multiprocessing", "pdb", "commands",
+    "popen2",
 })
+# The built-in functions that run code or reach into objects (the usual pickle exploit primitives).
+CODE_BUILTINS = frozenset({"eval", "exec", "compile", "__import__", "open", "getattr", "setattr", "delattr", "globals",
+                           "locals", "vars", "input", "breakpoint", "execfile"})
 # How the platform modules are better known.
 _MODULE_ALIASES = {"posix": "os", "nt": "os", "__builtin__": "builtins", "_io": "io", "_pickle": "pickle"}
 
@@ -52,8 +57,11 @@ def _refuse_code(path: Path, globals_: list[str]) -> None:
     calls = []
     for qualified in globals_:
         module, _, name = qualified.rpartition(".")
+        # Pickles of protocol < 3 spell some names as Python 2 did (subprocess.call as commands.call): say what runs.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         top = module.partition(".")[0]
-        if top in CODE_MODULES:
+        if top in CODE_MODULES or top in ("builtins", "__builtin__") and name in CODE_BUILTINS:
             calls.append(f"{_MODULE_ALIASES.get(top, top)}{module[len(top):]}.{name}")
     if calls:
         raise CheckpointError(f"{path}: refused to run code from the checkpoint (it calls {', '.join(calls)}); "
