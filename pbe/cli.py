@@ -55,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"hub repo id (default {DEFAULT_REPO}), hub-layout folder, original model.ckpt "
                             "or pbe .safetensors")
     paint.add_argument("--config", type=Path, default=None,
-                       help="the networks' config, for an original-layout checkpoint of a non-official structure: a pbe "
-                            "config JSON or a hub-layout folder (its unet/, vae/, image_encoder/ config.json)")
+                       help="the networks' config, for an original-layout checkpoint of a non-official structure: "
+                            "a pbe config JSON or a hub-layout folder (its unet/, vae/, image_encoder/ config.json)")
     paint.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     paint.add_argument("--guidance", type=float, default=5.0,
                        help="classifier-free guidance scale; 1 or less turns guidance off (default 5)")

@@ -29,7 +29,8 @@ def error_line(err: BaseException) -> str:
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C does, so the same cleanup runs (temporary files
-    removed) and the command ends the same way. Only the main thread can set signal handlers; elsewhere this does nothing.
+    removed) and the command ends the same way. Only the main thread can set signal handlers; elsewhere this does
+    nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -314,7 +314,7 @@ def test_a_failed_write_is_one_error_line(tmp_path, capsys) -> None:
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
-# ---- what a file is, when it is not a checkpoint ----------------------------------------------------------------------
+# ---- what a file is, when it is not a checkpoint -------------------------------------------------------------------
 
 @pytest.mark.parametrize("content, message", [
     (b"", "an empty file (0 bytes)"),
@@ -367,7 +367,8 @@ class _RunsCode:
 @pytest.mark.parametrize("writer", ["torch.save", "torch.save legacy", "pickle"])
 def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, original_tensors, writer) -> None:
     marker = tmp_path / "MARKER"
-    payload = {"state_dict": dict(list(original_tensors.items())[:3]), "callbacks": _RunsCode(os.system, f"touch {marker}")}
+    payload = {"state_dict": dict(list(original_tensors.items())[:3]),
+               "callbacks": _RunsCode(os.system, f"touch {marker}")}
     path = tmp_path / "model.ckpt"
     if writer == "pickle":
         path.write_bytes(pickle.dumps(payload, protocol=4))
@@ -395,8 +396,8 @@ def test_other_code_running_calls_are_named(tmp_path, function, name) -> None:
 def test_pickled_objects_that_are_not_code_are_inert_stand_ins(tmp_path, original_tensors) -> None:
     """Lightning pickles hyper-parameters too (paths, partials): loaded as empty shells, not refused as code."""
     path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": original_tensors, "hyper_parameters": {"dir": Path("/runs"), "act": functools.partial(max)}},
-               path)
+    hyper_parameters = {"dir": Path("/runs"), "act": functools.partial(max)}
+    torch.save({"state_dict": original_tensors, "hyper_parameters": hyper_parameters}, path)
     unknown = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     assert "pathlib.PosixPath" in unknown or "pathlib.WindowsPath" in unknown
     assert read_tensors(path).keys() == original_tensors.keys()

@@ -148,7 +148,7 @@ def test_the_missing_path_message_names_the_existing_part(tmp_path, no_hub) -> N
         resolve_checkpoint(str(tmp_path / "a" / "b" / "c.ckpt"))
 
 
-# ---- configs for checkpoints off the official path ----------------------------------------------------------------------
+# ---- configs for checkpoints off the official path -----------------------------------------------------------------
 
 def test_original_layout_of_another_structure_is_refused_without_a_config() -> None:
     with pytest.raises(CheckpointError) as caught:
@@ -201,11 +201,13 @@ def test_a_clip_tower_other_than_vit_l14_is_refused_without_a_config() -> None:
     from weights_convert.configs import config_from_ldm
 
     official = PaintByExampleConfig()
-    vit_b = dataclasses.replace(official.image_encoder.clip, width=768, layers=12, heads=12, mlp_dim=3072, patch_size=16)
+    vit_b = dataclasses.replace(official.image_encoder.clip, width=768, layers=12, heads=12, mlp_dim=3072,
+                                patch_size=16)
     config = dataclasses.replace(official, image_encoder=dataclasses.replace(official.image_encoder, clip=vit_b))
     shapes = _original_layout_shapes(config)
-    with pytest.raises(CheckpointError, match=r"ckpt: .*structure is not the official one \(image_encoder.clip.patch_size "
-                                              r"16 \(official 14\); image_encoder.clip.width 768 \(official 1024\)"):
+    with pytest.raises(CheckpointError, match=r"ckpt: .*structure is not the official one \("
+                                              r"image_encoder.clip.patch_size 16 \(official 14\); "
+                                              r"image_encoder.clip.width 768 \(official 1024\)"):
         config_from_ldm(shapes, None, origin="ckpt")
     assert config_from_ldm(shapes, config, origin="ckpt") == config  # given the config: exactly it
 
@@ -249,11 +251,12 @@ def test_a_native_file_missing_a_tensor_names_the_file_and_the_tensor(tmp_path) 
     tensors, metadata = read_safetensors(path)
     del tensors["vae.decoder.conv_out.bias"]
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "cut.safetensors", metadata=metadata)
-    with pytest.raises(CheckpointError, match=r"cut.safetensors: 1 missing tensor\(s\) of the vae: decoder.conv_out.bias"):
+    with pytest.raises(CheckpointError,
+                       match=r"cut.safetensors: 1 missing tensor\(s\) of the vae: decoder.conv_out.bias"):
         pbe.load(tmp_path / "cut.safetensors")
 
 
-# ---- atomic writes ------------------------------------------------------------------------------------------------------
+# ---- atomic writes -------------------------------------------------------------------------------------------------
 
 def test_current_umask_is_read_without_setting_it(monkeypatch) -> None:
     old = os.umask(0o027)
@@ -274,7 +277,8 @@ def test_files_written_atomically_get_the_plain_permissions_under_any_umask(tmp_
             (tmp_path / f"{umask}.plain").write_bytes(b"")
         finally:
             os.umask(old)
-        assert (tmp_path / f"{umask}.bin").stat().st_mode & 0o777 == (tmp_path / f"{umask}.plain").stat().st_mode & 0o777
+        written, plain = (tmp_path / f"{umask}.{kind}" for kind in ("bin", "plain"))
+        assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_a_failed_write_removes_what_the_writer_left_beside_its_file(tmp_path) -> None:

@@ -90,8 +90,8 @@ def _count(keys: list[str], pattern: str) -> int:
 
 
 # What an original-layout checkpoint cannot tell, as the message refusing a non-official one without a config says it.
-UNREADABLE = ("the attention heads of the UNet and of the CLIP tower, the GroupNorm groups and epsilons of the UNet and "
-              "the autoencoder, the CLIP LayerNorm epsilon and the latent scaling factor")
+UNREADABLE = ("the attention heads of the UNet and of the CLIP tower, the GroupNorm groups and epsilons of the UNet "
+              "and the autoencoder, the CLIP LayerNorm epsilon and the latent scaling factor")
 HOW_TO_PASS = ("pass the config of the networks: --config (pbe paint / pbe convert) or config= (pbe.load, "
                "PaintByExample.from_pretrained), either a pbe config JSON or a hub-layout folder whose unet/, vae/ and "
                "image_encoder/ hold their config.json")

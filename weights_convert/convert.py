@@ -105,8 +105,8 @@ def read_config(path: str | Path, *, name: str = "config") -> PaintByExampleConf
     path = Path(path).expanduser()
     if path.is_dir():
         if not all((path / name).is_file() for name in HUB_CONFIG_FILES.values()):
-            raise CheckpointError(f"{name} {path}: a folder without {' and '.join(HUB_CONFIG_FILES.values())}; expected "
-                                  f"a hub-layout folder or a pbe config JSON file")
+            raise CheckpointError(f"{name} {path}: a folder without {' and '.join(HUB_CONFIG_FILES.values())}; "
+                                  f"expected a hub-layout folder or a pbe config JSON file")
         return hub_folder_config(path)
     try:
         return config_from_json(path.read_text())
@@ -178,7 +178,8 @@ def convert_ldm_state_dict(source: dict[str, torch.Tensor], *, origin: str, base
 
 
 def convert(src: str | Path, *, base: PaintByExampleConfig | None = None, dtype: torch.dtype | None = None) -> Converted:
-    """Either official layout -> our names. ``src``: a hub-layout folder, or an original-layout ``.ckpt``/``.safetensors``.
+    """Either official layout -> our names. ``src``: a hub-layout folder, or an original-layout ``.ckpt`` or
+    ``.safetensors``.
 
     ``base``: the config of an original-layout checkpoint's networks (``read_config`` reads one from a file); needed
     unless its structure is the official one. A hub folder has its own, which ``base`` (if given) must equal.

@@ -94,6 +94,9 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return _loaded_state_dict(path, obj)
 
 
+_STRING_OPS = ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE")  # opcodes that push a str
+
+
 def pickle_globals(path: Path, *, max_pickles: int = 5) -> list[str]:
     """The ``module.name`` globals a (non-zip) pickle file names, read from its opcodes without running any.
 
@@ -109,7 +112,7 @@ def pickle_globals(path: Path, *, max_pickles: int = 5) -> list[str]:
                 for op, arg, _ in pickletools.genops(f):
                     if op.name == "GLOBAL":
                         found.append(arg.replace(" ", "."))
-                    elif isinstance(arg, str) and op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                    elif isinstance(arg, str) and op.name in _STRING_OPS:
                         strings.append(arg)
                     elif op.name == "MEMOIZE" and strings:
                         memo[len(memo)] = strings[-1]
@@ -134,7 +137,8 @@ def read_legacy_pickle(path: Path) -> dict[str, torch.Tensor]:
         names = re.findall(r"GLOBAL ([\w.]+)", str(err))
         what = f"it pickles {names[0]}, which a weights-only reader does not load" if names else "an unreadable pickle"
         raise CheckpointError(f"{path}: a legacy (non-zip) PyTorch pickle that cannot be read safely ({what}); "
-                              f"re-save its state dict with a recent torch.save, or convert it to .safetensors") from None
+                              f"re-save its state dict with a recent torch.save, or convert it to .safetensors"
+                              ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: a pickle, but not a readable torch.save file (truncated, or pickled by "
