@@ -164,6 +164,17 @@ def test_hub_folder_missing_weights_or_config(tmp_path) -> None:
         pbe.load(folder)
 
 
+@pytest.mark.parametrize("change, message", [({"norm_num_groups": 3}, "not divisible by"),
+                                             ({"block_out_channels": None}, "TypeError")])
+def test_an_unusable_hub_config_names_its_file(tmp_path, change, message) -> None:
+    folder = tmp_path / "hub"
+    shutil.copytree(HUB, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=rf"unet/config.json: not a usable unet config \(.*{message}"):
+        pbe.load(folder)
+
+
 def test_unsupported_config_value_is_named(tmp_path) -> None:
     folder = tmp_path / "hub"
     shutil.copytree(HUB, folder)

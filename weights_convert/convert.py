@@ -91,10 +91,16 @@ def _read_json(path: Path) -> dict:
 
 def hub_folder_config(folder: Path) -> PaintByExampleConfig:
     """The configs of a hub-layout folder: its ``unet/``, ``vae/`` and ``image_encoder/`` config.json files."""
-    return PaintByExampleConfig(**{
-        network: HUB_CONFIG_READERS[network](_read_json(folder / name), origin=str(folder / name))
-        for network, name in HUB_CONFIG_FILES.items()
-    })
+    found = {}
+    for network, name in HUB_CONFIG_FILES.items():
+        path = folder / name
+        try:
+            found[network] = HUB_CONFIG_READERS[network](_read_json(path), origin=str(path))
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError) as err:  # a missing key, or values the network cannot be built from
+            raise CheckpointError(f"{path}: not a usable {network} config ({type(err).__name__}: {err})") from None
+    return PaintByExampleConfig(**found)
 
 
 def read_config(path: str | Path, *, name: str = "config") -> PaintByExampleConfig:
