@@ -5,7 +5,9 @@
 2. the original release ``model.ckpt`` (or an original-layout ``.safetensors``),
 3. a pbe native ``.safetensors`` (see ``pbe.checkpoint``).
 Networks are built on the meta device and receive the checkpoint's tensors directly (cast once to ``dtype``), so no
-randomly initialised copy is ever made. Loading is strict: every parameter is filled exactly once.
+randomly initialised copy is ever made. Loading is strict: every parameter is filled exactly once, and every error is
+a ``CheckpointError`` naming the file. An original-layout checkpoint of a non-official structure needs ``config=``
+(see ``load``). ``resolve_checkpoint`` adds hub repo ids, and never sends what looks like a path to the hub.
 """
 
 from __future__ import annotations
