@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     paint.add_argument("--checkpoint", default=DEFAULT_REPO,
                        help=f"hub repo id (default {DEFAULT_REPO}), hub-layout folder, original model.ckpt "
                             "or pbe .safetensors")
+    paint.add_argument("--config", type=Path, default=None,
+                       help="the networks' config, for an original-layout checkpoint of a non-official structure: "
+                            "a pbe config JSON or a hub-layout folder (its unet/, vae/, image_encoder/ config.json)")
     paint.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     paint.add_argument("--guidance", type=float, default=5.0,
                        help="classifier-free guidance scale; 1 or less turns guidance off (default 5)")
@@ -133,6 +136,8 @@ def _repeat_command(args: argparse.Namespace, seed: int) -> str:
              "--num-images", args.num_images]
     if args.keep_unmasked:
         flags += ["--keep-unmasked", "--mask-blur", args.mask_blur]
+    if getattr(args, "config", None) is not None:  # `pbe batch` has no --config
+        flags += ["--config", args.config]
     return shlex.join(str(flag) for flag in flags)
 
 
@@ -167,7 +172,7 @@ def _paint(args: argparse.Namespace) -> int:
     print(f"to repeat this run: {_repeat_command(args, seed)}", file=sys.stderr)
 
     pipe = PaintByExample.from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device,
-                                          scheduler=args.scheduler)
+                                          scheduler=args.scheduler, config=args.config)
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
     result = pipe(inputs["example"], inputs["image"], inputs["mask"], num_inference_steps=args.steps,
                   guidance_scale=args.guidance, num_images_per_prompt=args.num_images, generator=generator,

@@ -28,7 +28,7 @@ from . import devices
 from . import images as imageio
 from .loading import DEFAULT_REPO, PaintByExampleNetworks, load, resolve_checkpoint
 from .memory import reuse_freed_memory
-from .model import AutoencoderKL, ImageEncoder, UNet
+from .model import AutoencoderKL, ImageEncoder, PaintByExampleConfig, UNet
 from .model.noise import randn
 from .schedulers import Run, Scheduler, make_scheduler
 
@@ -110,19 +110,21 @@ class PaintByExample:
         dtype: torch.dtype | None = None,
         device: Device = "cpu",
         scheduler: str = "pndm",
+        config: PaintByExampleConfig | str | Path | None = None,
     ) -> PaintByExample:
         """Load from anything ``pbe.load`` takes, or a hub repo id (fetched into the Hugging Face cache on first use).
 
         ``torch_dtype`` (diffusers' name) or its synonym ``dtype``: the dtype of all three networks, default float32;
         giving both with different values is a TypeError. ``device``: where the networks are placed (``"auto"``: see
         ``pbe.devices.resolve_device``). A half precision the CPU has no instructions for warns once
-        (``pbe.devices.SlowPrecisionWarning``): it runs, emulated, far slower than float32.
+        (``pbe.devices.SlowPrecisionWarning``): it runs, emulated, far slower than float32. ``config``: the networks'
+        config for an original-layout checkpoint of a non-official structure (see ``pbe.load``).
         """
         chosen = _resolve_dtype(dtype, torch_dtype) or torch.float32
         device = devices.resolve_device(device)
         devices.check_precision(device, chosen, refuse=False)
         path = resolve_checkpoint(src)
-        networks: PaintByExampleNetworks = load(path, dtype=chosen, device=device)
+        networks: PaintByExampleNetworks = load(path, dtype=chosen, device=device, config=config)
         scheduler_json = path / "scheduler" / "scheduler_config.json" if path.is_dir() else None
         config = json.loads(scheduler_json.read_text()) if scheduler_json and scheduler_json.is_file() else None
         return cls(networks.unet, networks.vae, networks.image_encoder, scheduler, scheduler_config=config)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +164,17 @@ def test_hub_folder_missing_weights_or_config(tmp_path) -> None:
         pbe.load(folder)
 
 
+@pytest.mark.parametrize("change, message", [({"norm_num_groups": 3}, "not divisible by"),
+                                             ({"block_out_channels": None}, "TypeError")])
+def test_an_unusable_hub_config_names_its_file(tmp_path, change, message) -> None:
+    folder = tmp_path / "hub"
+    shutil.copytree(HUB, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=rf"unet/config.json: not a usable unet config \(.*{message}"):
+        pbe.load(folder)
+
+
 def test_unsupported_config_value_is_named(tmp_path) -> None:
     folder = tmp_path / "hub"
     shutil.copytree(HUB, folder)
@@ -186,17 +203,53 @@ def test_command_converts_the_original_layout_and_reports(tmp_path, capsys, dtyp
 
 
 def test_command_converts_the_original_checkpoint_with_a_config_for_its_structure(tmp_path, capsys) -> None:
-    # The original layout cannot reveal head counts or GroupNorm groups. Without --config the official values are
-    # assumed, which the tiny stand-in's widths contradict: a clear error, not a torch traceback.
+    # The original layout cannot reveal head counts or GroupNorm groups. The official values are taken only for the
+    # official structure; the tiny stand-in's is not, so without --config: one clear error saying what to pass.
     out = tmp_path / "pbe.safetensors"
     assert convert_main([str(ORIGINAL_CKPT), str(out)]) == 1
-    assert "not divisible by" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.ckpt" in err and "structure is not the official one" in err
+    assert "unet.channels (8, 16, 32, 32) (official (320, 640, 1280, 1280))" in err
+    assert "attention heads of the UNet and of the CLIP tower" in err and "GroupNorm groups" in err
+    assert "--config" in err and "hub-layout folder" in err and not out.exists()
     config = tmp_path / "config.json"
-    config.write_text(config_to_json(ldm_base_config()))
-    assert convert_main([str(ORIGINAL_CKPT), str(out), "--config", str(config)]) == 0
-    report = capsys.readouterr().out
-    assert "layout: ldm" in report and "DDPM training schedule buffer" in report
-    assert read_native(out)[0] == convert(HUB).config
+    config.write_text(config_to_json(convert(HUB).config))
+    for given in (config, HUB):  # a pbe config JSON, or a hub-layout folder describing the same networks
+        out.unlink(missing_ok=True)
+        assert convert_main([str(ORIGINAL_CKPT), str(out), "--config", str(given)]) == 0
+        report = capsys.readouterr().out
+        assert "layout: ldm" in report and "DDPM training schedule buffer" in report
+        assert read_native(out)[0] == convert(HUB).config
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file or folder"),
+    ("{not json", "not a pbe config JSON"),
+    ("{}", "not a pbe config JSON"),
+])
+def test_command_names_a_bad_config(tmp_path, capsys, content, message) -> None:
+    config = tmp_path / "config.json"
+    if content is not None:
+        config.write_text(content)
+    out = tmp_path / "pbe.safetensors"
+    assert convert_main([str(ORIGINAL_CKPT), str(out), "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --config {config}: {message}") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_a_folder_without_hub_configs_is_not_a_config(tmp_path, capsys) -> None:
+    assert convert_main([str(ORIGINAL_CKPT), str(tmp_path / "o.safetensors"), "--config", str(tmp_path)]) == 1
+    assert "a folder without unet/config.json" in capsys.readouterr().err
+
+
+def test_a_config_contradicting_a_self_describing_source_is_refused(tmp_path, capsys) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(config_to_json(convert(HUB_SMALL).config))
+    assert convert_main([str(HUB), str(tmp_path / "o.safetensors"), "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "describes its own networks" in err and "unet.channels (16, 32) (the file's (8, 16, 32, 32))" in err
+    assert convert_main([str(HUB), str(tmp_path / "o.safetensors"), "--config", str(HUB)]) == 0  # the same: fine
 
 
 def test_command_fails_cleanly_and_leaves_nothing(tmp_path, capsys) -> None:
@@ -270,3 +323,168 @@ def test_a_failed_write_is_one_error_line(tmp_path, capsys) -> None:
     assert convert_main([str(HUB_SMALL), str(tmp_path / "file" / "out.safetensors")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ---- what a file is, when it is not a checkpoint -------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "an empty file (0 bytes)"),
+    (bytes(range(7, 250)) * 3, "not a checkpoint format pbe knows (not safetensors, not a PyTorch pickle"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:4a1b\nsize 7703324286\n", "a Git LFS pointer"),
+    (b"<!DOCTYPE html>\n<html><head><title>404</title></head></html>", "an HTML page, not a checkpoint"),
+    (b"Access denied\n", "a text file, not a checkpoint (it starts 'Access denied')"),
+    (b'{"unet": {}}', "a JSON file, not a checkpoint"),
+    (b"\x1f\x8b\x08\x00" + bytes(40), "a gzip archive"),
+    (b"PK\x03\x04" + bytes(100), "a zip archive but not a readable PyTorch checkpoint"),
+    (b"\x80\x02}q\x00.", "a pickle, but not a readable torch.save file"),  # a plain pickle of {}
+])
+def test_a_file_of_another_format_is_named_for_what_it_is(tmp_path, content, message) -> None:
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as caught:
+        pbe.load(path)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: ")
+    assert "safetensors file" not in text  # never "not a readable safetensors file" for what is not one
+    assert message in text
+
+
+def test_a_truncated_safetensors_header_is_named(tmp_path, original_safetensors) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(original_safetensors.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="a truncated safetensors file"):
+        pbe.load(path)
+
+
+def test_a_legacy_non_zip_torch_save_is_read(tmp_path, original_tensors) -> None:
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": original_tensors}, path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    tensors = read_tensors(path)
+    assert tensors.keys() == original_tensors.keys()
+    assert all(torch.equal(tensors[k], original_tensors[k]) for k in tensors)
+
+
+class _RunsCode:
+    """A pickled object whose unpickling would call ``function(*args)`` (what a malicious checkpoint does)."""
+
+    def __init__(self, function, *args) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "torch.save legacy", "pickle"])
+def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, original_tensors, writer) -> None:
+    marker = tmp_path / "MARKER"
+    payload = {"state_dict": dict(list(original_tensors.items())[:3]),
+               "callbacks": _RunsCode(os.system, f"touch {marker}")}
+    path = tmp_path / "model.ckpt"
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(payload, protocol=4))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=writer == "torch.save")
+    with pytest.raises(CheckpointError) as caught:
+        pbe.load(path)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: refused to run code from the checkpoint (it calls os.system)")
+    assert "weights_only" not in text
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("function, name", [(subprocess.call, "subprocess.call"), (eval, "builtins.eval")])
+def test_other_code_running_calls_are_named(tmp_path, function, name) -> None:
+    marker = tmp_path / "MARKER"
+    args = (["touch", str(marker)],) if function is subprocess.call else (f"open({str(marker)!r}, 'w')",)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hparams": _RunsCode(function, *args)}, path)
+    with pytest.raises(CheckpointError, match=rf"refused to run code from the checkpoint \(it calls {name}\)"):
+        pbe.load(path)
+    assert not marker.exists()
+
+
+def test_pickled_objects_that_are_not_code_are_inert_stand_ins(tmp_path, original_tensors) -> None:
+    """Lightning pickles hyper-parameters too (paths, partials): loaded as empty shells, not refused as code."""
+    path = tmp_path / "model.ckpt"
+    hyper_parameters = {"dir": Path("/runs"), "act": functools.partial(max)}
+    torch.save({"state_dict": original_tensors, "hyper_parameters": hyper_parameters}, path)
+    unknown = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    assert "pathlib.PosixPath" in unknown or "pathlib.WindowsPath" in unknown
+    assert read_tensors(path).keys() == original_tensors.keys()
+
+
+# ---- interrupts and kills: nothing left behind, or a recognisable leftover the next run removes ----------------------
+
+# Runs the convert command in a subprocess whose safetensors writer, having written its file (and Rust's own `.tmp`
+# sibling, as the real writer does while it works), waits: long enough to be signalled mid-write.
+_SLOW_CONVERT = """
+import pathlib, sys, time
+import pbe.checkpoint
+real_save = pbe.checkpoint.save_file
+def slow_save(tensors, path, metadata=None):
+    real_save(tensors, path, metadata=metadata)
+    (pathlib.Path(path).parent / ".tmpAbC123").write_bytes(b"half-written")
+    pathlib.Path(sys.argv[3]).write_text("writing")
+    time.sleep(120)
+pbe.checkpoint.save_file = slow_save
+from weights_convert.command import main
+sys.exit(main(sys.argv[1:3]))
+"""
+
+
+def _start_slow_conversion(tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(HUB_SMALL), str(out_dir / "pbe.safetensors"),
+                             str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the conversion never started writing"
+        time.sleep(0.05)
+    return proc, out_dir
+
+
+def test_sigterm_is_handled_like_ctrl_c_and_leaves_nothing(tmp_path) -> None:
+    proc, out_dir = _start_slow_conversion(tmp_path)
+    assert [p.name for p in out_dir.iterdir()][0].startswith(".pbe.safetensors.pbe-partial-")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "interrupted\n"
+    assert list(out_dir.iterdir()) == []
+
+
+def test_sigkill_leaves_a_recognisable_partial_that_the_next_conversion_removes(tmp_path, capsys) -> None:
+    proc, out_dir = _start_slow_conversion(tmp_path)
+    proc.kill()
+    proc.communicate(timeout=60)
+    leftovers = list(out_dir.iterdir())
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".pbe.safetensors.pbe-partial-")
+    assert {p.name for p in leftovers[0].iterdir()} == {"pbe.safetensors", ".tmpAbC123"}  # all inside the one folder
+    assert convert_main([str(HUB_SMALL), str(out_dir / "pbe.safetensors")]) == 0
+    assert [p.name for p in out_dir.iterdir()] == ["pbe.safetensors"]
+
+
+def test_python_m_weights_convert_reports_an_unwritable_output_in_one_line(tmp_path) -> None:
+    (tmp_path / "file").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "weights_convert", str(HUB_SMALL),
+                           str(tmp_path / "file" / "out.safetensors")], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_both_entry_points_handle_an_interrupt_alike_and_leave_nothing(tmp_path, capsys, monkeypatch) -> None:
+    import pbe.checkpoint
+
+    def interrupted_save(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pbe.checkpoint, "save_file", interrupted_save)
+    out = tmp_path / "out" / "pbe.safetensors"
+    for run in (convert_main, lambda a: pbe_main(["convert", *a])):
+        assert run([str(HUB_SMALL), str(out)]) == 130
+        assert capsys.readouterr().err == "interrupted\n"
+        assert list(out.parent.iterdir()) == []

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import pbe
-from pbe.checkpoint import CheckpointError, config_from_json, config_to_json, read_native, save_native
-from pbe.loading import resolve_checkpoint
+from pbe.checkpoint import CheckpointError, config_from_json, config_to_json, read_native, read_safetensors, save_native
+from pbe.files import current_umask, write_atomically
+from pbe.loading import looks_like_path, resolve_checkpoint
 from pbe.model import AutoencoderKL, ImageEncoder, PaintByExampleConfig, UNet
 from weights_convert.convert import convert
 
-from conftest import HUB, HUB_SMALL
+from conftest import HUB, HUB_SMALL, ORIGINAL_CKPT
 
 
 def test_official_parameter_counts_on_the_meta_device() -> None:
@@ -55,7 +58,9 @@ def test_native_file_holds_all_three_networks_and_configs(tmp_path) -> None:
     assert config == converted.config
     assert set(state_dicts) == {"unet", "vae", "image_encoder"}
     assert all(t.dtype == torch.bfloat16 for sd in state_dicts.values() for t in sd.values())
-    assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # readable like any file, not mkstemp's private mode
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # as any file, not a temporary file's 0600
 
 
 def test_failed_native_write_leaves_nothing(tmp_path) -> None:
@@ -102,6 +107,201 @@ def test_uncached_hub_id_offline_says_how_to_use_a_local_copy(tmp_path) -> None:
 def test_not_a_path_nor_a_repo_id(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="no such file or folder"):
         resolve_checkpoint(str(tmp_path / "a" / "b" / "c.ckpt"))
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Any call into huggingface_hub fails the test."""
+    import huggingface_hub
+
+    def called(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    for name in ("list_repo_files", "snapshot_download", "hf_hub_download", "model_info"):
+        monkeypatch.setattr(huggingface_hub, name, called)
+
+
+@pytest.mark.parametrize("src", ["weights/model.ckpt", "model.safetensors", "pbe.bin", "w/x.pt", "w/x.pth",
+                                 "./weights", "../x", "/no/such/place", "~/no-such-pbe-folder/model", "a/b/c",
+                                 "weights\\model", "C:/models/pbe", "name with spaces/x"])
+def test_a_missing_path_is_not_found_at_once_without_asking_the_hub(tmp_path, monkeypatch, no_hub, src) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="no such file or folder.*the hub was not asked"):
+        resolve_checkpoint(src)
+
+
+def test_a_repo_id_shaped_path_under_an_existing_folder_is_a_path(tmp_path, monkeypatch, no_hub) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(CheckpointError, match=r"weights/model: no such file or folder in .*folder weights exists, "
+                                              r"model does not.*hub was not asked"):
+        resolve_checkpoint("weights/model")
+
+
+def test_looks_like_path() -> None:
+    assert not looks_like_path("Fantasy-Studio/Paint-by-Example") and not looks_like_path("someone/tiny-pbe.v2")
+    assert looks_like_path("someone/model.ckpt") and looks_like_path("justaname")
+
+
+def test_the_missing_path_message_names_the_existing_part(tmp_path, no_hub) -> None:
+    with pytest.raises(CheckpointError, match=rf"folder {tmp_path} exists, a/b/c.ckpt does not"):
+        resolve_checkpoint(str(tmp_path / "a" / "b" / "c.ckpt"))
+
+
+# ---- configs for checkpoints off the official path -----------------------------------------------------------------
+
+def test_original_layout_of_another_structure_is_refused_without_a_config() -> None:
+    with pytest.raises(CheckpointError) as caught:
+        pbe.load(ORIGINAL_CKPT)
+    text = str(caught.value)
+    assert text.startswith(f"{ORIGINAL_CKPT}: an original-layout checkpoint whose structure is not the official one")
+    assert "image_encoder.clip.image_size 32 (official 224)" in text
+    assert "attention heads of the UNet and of the CLIP tower" in text and "config=" in text and "--config" in text
+
+
+def test_original_layout_loads_with_a_hub_folder_or_a_json_as_config(tmp_path) -> None:
+    hub = pbe.load(HUB)
+    json_config = tmp_path / "config.json"
+    json_config.write_text(config_to_json(hub.config))
+    for config in (HUB, str(HUB), json_config, hub.config):
+        nets = pbe.load(ORIGINAL_CKPT, config=config)
+        assert nets.config == hub.config
+        for name in ("unet", "vae", "image_encoder"):
+            ours, theirs = getattr(nets, name).state_dict(), getattr(hub, name).state_dict()
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+def _original_layout_shapes(config: PaintByExampleConfig) -> dict[str, torch.Size]:
+    """The original-layout names and shapes of networks built from ``config``, from the tables (no weights needed)."""
+    from weights_convert.convert import our_shapes
+    from weights_convert.mapping import expand, expected_source_shape
+    from weights_convert.tables import RULES
+
+    shapes = {}
+    for network in ("unet", "vae", "image_encoder"):
+        ours = our_shapes(network, config)
+        rules = RULES["ldm"][network](getattr(config, network))
+        # Every name a rule could produce: its prefix alone, or with a parameter name after it.
+        candidates = {f"{r.theirs[0]}{suffix}" for r in rules for suffix in ("", ".weight", ".bias")}
+        for name, (source, transform) in expand(rules, ours, candidates, origin="table").items():
+            shapes[source] = torch.Size(expected_source_shape(ours[name], transform))
+    return shapes
+
+
+def test_the_official_structure_takes_the_official_values_without_a_config() -> None:
+    """The one case where the layout's missing values may be assumed: the shapes ARE the official networks."""
+    from weights_convert.configs import config_from_ldm
+
+    official = PaintByExampleConfig()
+    assert config_from_ldm(_original_layout_shapes(official), None, origin="official") == official
+
+
+def test_a_clip_tower_other_than_vit_l14_is_refused_without_a_config() -> None:
+    """ViT-B/16 (width 768, 12 layers, 12 heads) beside the official UNet and autoencoder: 16 heads would be wrong."""
+    from weights_convert.configs import config_from_ldm
+
+    official = PaintByExampleConfig()
+    vit_b = dataclasses.replace(official.image_encoder.clip, width=768, layers=12, heads=12, mlp_dim=3072,
+                                patch_size=16)
+    config = dataclasses.replace(official, image_encoder=dataclasses.replace(official.image_encoder, clip=vit_b))
+    shapes = _original_layout_shapes(config)
+    with pytest.raises(CheckpointError, match=r"ckpt: .*structure is not the official one \("
+                                              r"image_encoder.clip.patch_size 16 \(official 14\); "
+                                              r"image_encoder.clip.width 768 \(official 1024\)"):
+        config_from_ldm(shapes, None, origin="ckpt")
+    assert config_from_ldm(shapes, config, origin="ckpt") == config  # given the config: exactly it
+
+
+def test_from_pretrained_and_paint_take_a_config(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from pbe.cli import main
+
+    pipe = pbe.PaintByExample.from_pretrained(ORIGINAL_CKPT, config=HUB)
+    assert pipe.unet.config == pbe.load(HUB).config.unet
+    files = {}
+    for name, color in [("image", (200, 40, 40)), ("mask", (255, 255, 255)), ("example", (20, 90, 200))]:
+        files[name] = tmp_path / f"{name}.png"
+        Image.new("RGB", (32, 32), color).save(files[name])
+    argv = ["paint", *(a for name, path in files.items() for a in (f"--{name}", str(path))), "-o",
+            str(tmp_path / "out.png"), "--checkpoint", str(ORIGINAL_CKPT), "--steps", "1", "--seed", "0",
+            "--device", "cpu", "--dtype", "fp32"]
+    assert main(argv) == 1
+    assert "structure is not the official one" in capsys.readouterr().err
+    assert main([*argv, "--config", str(HUB)]) == 0
+    assert "--config" in capsys.readouterr().err  # the printed command repeating the run names it too
+    assert Image.open(tmp_path / "out.png").size == (32, 32)
+
+
+def test_a_config_contradicting_a_native_file_is_refused(tmp_path) -> None:
+    converted = convert(HUB)
+    path = tmp_path / "pbe.safetensors"
+    save_native(converted.state_dicts, converted.config, path)
+    with pytest.raises(CheckpointError, match="describes its own networks.*drop it"):
+        pbe.load(path, config=HUB_SMALL)
+    assert pbe.load(path, config=HUB).config == converted.config
+
+
+def test_a_native_file_missing_a_tensor_names_the_file_and_the_tensor(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    converted = convert(HUB_SMALL)
+    path = tmp_path / "pbe.safetensors"
+    save_native(converted.state_dicts, converted.config, path)
+    tensors, metadata = read_safetensors(path)
+    del tensors["vae.decoder.conv_out.bias"]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "cut.safetensors", metadata=metadata)
+    with pytest.raises(CheckpointError,
+                       match=r"cut.safetensors: 1 missing tensor\(s\) of the vae: decoder.conv_out.bias"):
+        pbe.load(tmp_path / "cut.safetensors")
+
+
+# ---- atomic writes -------------------------------------------------------------------------------------------------
+
+def test_current_umask_is_read_without_setting_it(monkeypatch) -> None:
+    old = os.umask(0o027)
+    try:
+        if sys.platform.startswith("linux"):
+            monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("os.umask was called"))
+        assert current_umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+
+
+def test_files_written_atomically_get_the_plain_permissions_under_any_umask(tmp_path) -> None:
+    for umask in (0o022, 0o077, 0o002):
+        old = os.umask(umask)
+        try:
+            write_atomically(tmp_path / f"{umask}.bin", lambda tmp: open(tmp, "wb").close())
+            (tmp_path / f"{umask}.plain").write_bytes(b"")
+        finally:
+            os.umask(old)
+        written, plain = (tmp_path / f"{umask}.{kind}" for kind in ("bin", "plain"))
+        assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_a_failed_write_removes_what_the_writer_left_beside_its_file(tmp_path) -> None:
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half")
+        (Path(tmp).parent / ".tmpXYZ123").write_bytes(b"what safetensors' Rust writer makes beside its file")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(tmp_path / "out.safetensors", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_leftovers_of_a_killed_write_are_removed_by_the_next_write_unless_their_process_runs(tmp_path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.png.pbe-partial-{int(dead.stdout)}-abc123"
+    running = tmp_path / f".out.png.pbe-partial-{os.getppid()}-def456"  # our parent runs
+    other = tmp_path / f".other.png.pbe-partial-{int(dead.stdout)}-abc123"  # another output's: not ours to touch
+    for folder in (stale, running, other):
+        folder.mkdir()
+        (folder / ".tmp123").write_bytes(b"x")
+    write_atomically(tmp_path / "out.png", lambda tmp: Path(tmp).write_bytes(b"png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, "out.png"])
 
 
 def test_from_pretrained_through_the_hub_cache_in_a_fresh_process(tmp_path) -> None:

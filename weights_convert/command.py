@@ -1,9 +1,11 @@
 """The convert command, ONE parser for both entry points: ``pbe convert`` and ``python -m weights_convert``.
 
-    SRC OUT.safetensors [--dtype fp32|bf16|fp16] [--config CONFIG.json]
+    SRC OUT.safetensors [--dtype fp32|bf16|fp16] [--config CONFIG.json | --config HUB_FOLDER]
 
 Converts a hub-layout folder or an original ``model.ckpt`` into pbe's native single-file checkpoint and prints what
-was mapped and what was skipped on purpose. Writes atomically, never over its input, and leaves nothing on failure.
+was mapped and what was skipped on purpose. Writes atomically, never over its input, and leaves nothing on failure,
+on Ctrl-C or on SIGTERM (handled alike); a SIGKILL leaves a ``.OUT.pbe-partial-*`` folder that the next write to OUT
+removes (see ``pbe.files``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from pbe.checkpoint import DTYPES, config_from_json, save_native
-from pbe.errors import COMMAND_ERRORS, CheckpointError, error_line
+from pbe.checkpoint import DTYPES, save_native
+from pbe.errors import COMMAND_ERRORS, CheckpointError, error_line, sigterm_as_interrupt
 
-from .convert import convert
+from .convert import convert, read_config
 
 DESCRIPTION = "Convert a Paint by Example checkpoint to pbe's native format."
 
@@ -27,8 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="dtype of the written tensors (default fp32)")
     parser.add_argument("--config", type=Path, default=None,
-                        help="JSON config (pbe's schema) for an original-layout checkpoint of a NON-official structure: "
-                             "head counts and GroupNorm groups cannot be read from weights (default: official values)")
+                        help="the networks' config for an original-layout checkpoint of a NON-official structure (head "
+                             "counts and GroupNorm groups cannot be read from weights): a pbe config JSON or a "
+                             "hub-layout folder with unet/, vae/, image_encoder/ config.json (default: the official "
+                             "values, used only when the checkpoint's structure is the official one)")
     return parser
 
 
@@ -36,15 +40,15 @@ def run(args: argparse.Namespace) -> int:
     """Convert as ``args`` (from a parser given ``add_arguments``) says; print the report. Returns the exit status 0.
 
     Raises ``CheckpointError`` (bad source, config or output name) or ``OSError`` (writing failed); the file ``out`` is
-    then left as it was.
+    then left as it was. SIGTERM raises ``KeyboardInterrupt`` meanwhile, as Ctrl-C does, so nothing is left behind.
     """
+    with sigterm_as_interrupt():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     src, out = args.src, args.out
-    base = None
-    if args.config is not None:
-        try:
-            base = config_from_json(args.config.read_text())
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"--config {args.config}: not a pbe config JSON ({err})") from None
+    base = None if args.config is None else read_config(args.config, name="--config")
     if out.suffix != ".safetensors":
         raise CheckpointError(f"{out}: the output must end in .safetensors")
     if out.exists() and src.exists() and out.resolve() == src.resolve():

@@ -1,7 +1,9 @@
 """pbe configs from foreign descriptions: diffusers/transformers ``config.json`` files, or the shapes in an LDM checkpoint.
 
-Everything structural is read or derived (number of levels, widths, which levels attend, mapper depth...); values a
-checkpoint cannot reveal (head counts, GroupNorm groups) come from ``base``, which defaults to the official config.
+Everything structural is read or derived (number of levels, widths, which levels attend, mapper depth...). Values an
+original-layout checkpoint cannot reveal (head counts, GroupNorm groups, epsilons, the latent scaling factor) come from
+a given config; without one, from the official config, but ONLY when the structure read from the shapes is the
+official one: on any other structure the official head counts would build silently wrong networks, so it is refused.
 """
 
 from __future__ import annotations
@@ -87,8 +89,74 @@ def _count(keys: list[str], pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := regex.match(k))})
 
 
-def config_from_ldm(shapes: dict[str, torch.Size], base: PaintByExampleConfig, *, origin: str) -> PaintByExampleConfig:
-    """Read the structure of an original-layout checkpoint from its tensor names and shapes."""
+# What an original-layout checkpoint cannot tell, as the message refusing a non-official one without a config says it.
+UNREADABLE = ("the attention heads of the UNet and of the CLIP tower, the GroupNorm groups and epsilons of the UNet "
+              "and the autoencoder, the CLIP LayerNorm epsilon and the latent scaling factor")
+HOW_TO_PASS = ("pass the config of the networks: --config (pbe paint / pbe convert) or config= (pbe.load, "
+               "PaintByExample.from_pretrained), either a pbe config JSON or a hub-layout folder whose unet/, vae/ and "
+               "image_encoder/ hold their config.json")
+
+
+def structure_differences(config: PaintByExampleConfig, reference: PaintByExampleConfig, *,
+                          label: str = "official") -> list[str]:
+    """``network.field value (LABEL value)`` for every field of ``config`` that differs from ``reference``."""
+    found = []
+    for network in ("unet", "vae", "image_encoder"):
+        for name, value, expected in _fields(getattr(config, network), getattr(reference, network)):
+            if value != expected:
+                found.append(f"{network}.{name} {value} ({label} {expected})")
+    return found
+
+
+def _fields(config: object, official: object) -> list[tuple[str, object, object]]:
+    """(dotted field name, value, official value) of a config dataclass, nested ones flattened."""
+    rows = []
+    for f in dataclasses.fields(config):
+        value, reference = getattr(config, f.name), getattr(official, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += [(f"{f.name}.{n}", v, r) for n, v, r in _fields(value, reference)]
+        else:
+            rows.append((f.name, value, reference))
+    return rows
+
+
+def config_from_ldm(shapes: dict[str, torch.Size], base: PaintByExampleConfig | None, *,
+                    origin: str) -> PaintByExampleConfig:
+    """Read the structure of an original-layout checkpoint from its tensor names and shapes.
+
+    The values the shapes cannot tell come from ``base``; with ``base=None`` from the official config, provided the
+    structure is the official one (else ``CheckpointError`` saying what cannot be told and how to pass it).
+    """
+    if base is not None:
+        try:
+            return _read_ldm_structure(shapes, base, origin=origin)
+        except CheckpointError:
+            raise
+        except ValueError as err:  # the shapes contradict the head counts / groups of `base`
+            raise CheckpointError(f"{origin}: the given config does not fit the checkpoint's shapes ({err})") from None
+    # The structure alone, read with head counts and groups of 1 (which divide any width), against the official one.
+    official = PaintByExampleConfig()
+    neutral = _neutral(official)
+    differences = structure_differences(_read_ldm_structure(shapes, neutral, origin=origin), neutral)
+    if differences:
+        raise CheckpointError(
+            f"{origin}: an original-layout checkpoint whose structure is not the official one "
+            f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}). Its weights cannot tell "
+            f"{UNREADABLE}, and the official values would build wrong networks: {HOW_TO_PASS}")
+    return _read_ldm_structure(shapes, official, origin=origin)
+
+
+def _neutral(config: PaintByExampleConfig) -> PaintByExampleConfig:
+    """``config`` with one head and one GroupNorm group everywhere: it accepts any widths."""
+    clip = dataclasses.replace(config.image_encoder.clip, heads=1)
+    return dataclasses.replace(config, unet=dataclasses.replace(config.unet, heads=1, norm_groups=1),
+                               vae=dataclasses.replace(config.vae, norm_groups=1),
+                               image_encoder=dataclasses.replace(config.image_encoder, clip=clip))
+
+
+def _read_ldm_structure(shapes: dict[str, torch.Size], base: PaintByExampleConfig, *,
+                        origin: str) -> PaintByExampleConfig:
+    """The structure from the shapes, the rest from ``base``. ``ValueError`` where the two contradict each other."""
     keys = list(shapes)
     u = "model.diffusion_model"
     try:
@@ -133,7 +201,4 @@ def config_from_ldm(shapes: dict[str, torch.Size], base: PaintByExampleConfig, *
         )
     except KeyError as err:
         raise CheckpointError(f"{origin}: not a complete Paint by Example checkpoint (cannot find {err})") from None
-    except ValueError as err:  # the shapes contradict the head counts / groups taken from `base`
-        raise CheckpointError(f"{origin}: {err}; for a non-official structure pass its config "
-                              f"(pbe.load(..., config=...) or --config)") from None
     return PaintByExampleConfig(unet=unet, vae=vae, image_encoder=image_encoder)

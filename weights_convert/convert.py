@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pbe.checkpoint import meta_network
+from pbe.checkpoint import config_from_json, meta_network
 from pbe.errors import CheckpointError
 from pbe.model import PaintByExampleConfig
 
@@ -89,16 +89,63 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
 
 
-def convert_hub_folder(folder: Path, *, dtype: torch.dtype | None = None) -> Converted:
-    """A folder laid out like the hub repo ``Fantasy-Studio/Paint-by-Example``."""
+def hub_folder_config(folder: Path) -> PaintByExampleConfig:
+    """The configs of a hub-layout folder: its ``unet/``, ``vae/`` and ``image_encoder/`` config.json files."""
+    found = {}
+    for network, name in HUB_CONFIG_FILES.items():
+        path = folder / name
+        try:
+            found[network] = HUB_CONFIG_READERS[network](_read_json(path), origin=str(path))
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError) as err:  # a missing key, or values the network cannot be built from
+            raise CheckpointError(f"{path}: not a usable {network} config ({type(err).__name__}: {err})") from None
+    return PaintByExampleConfig(**found)
+
+
+def read_config(path: str | Path, *, name: str = "config") -> PaintByExampleConfig:
+    """A config given by the user (``--config`` / ``config=``): a pbe config JSON, or a hub-layout folder.
+
+    Raises ``CheckpointError`` naming the argument (``name``), the path and what it holds instead.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not all((path / name).is_file() for name in HUB_CONFIG_FILES.values()):
+            raise CheckpointError(f"{name} {path}: a folder without {' and '.join(HUB_CONFIG_FILES.values())}; "
+                                  f"expected a hub-layout folder or a pbe config JSON file")
+        return hub_folder_config(path)
+    try:
+        return config_from_json(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{name} {path}: no such file or folder") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{name} {path}: cannot be read ({err})") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{name} {path}: not a pbe config JSON (the schema that `pbe convert` stores; "
+                              f"{type(err).__name__}: {err}); a hub-layout folder is accepted too") from None
+
+
+def check_same_config(given: PaintByExampleConfig | None, found: PaintByExampleConfig, *, origin: str) -> None:
+    """A checkpoint that describes itself (hub folder, native file) is used with its own config: a different given
+    config is refused rather than silently ignored."""
+    if given is not None and given != found:
+        differences = "; ".join(configs.structure_differences(given, found, label="the file's")[:4])
+        raise CheckpointError(f"{origin}: describes its own networks, and the given config differs ({differences}); "
+                              f"a config is needed only for an original-layout checkpoint: drop it")
+
+
+def convert_hub_folder(folder: Path, *, dtype: torch.dtype | None = None,
+                       base: PaintByExampleConfig | None = None) -> Converted:
+    """A folder laid out like the hub repo ``Fantasy-Studio/Paint-by-Example``.
+
+    ``base``, when given, must equal the folder's own configs (see ``check_same_config``).
+    """
     folder = Path(folder)
     if not (folder / "image_encoder").is_dir():
         what = "a Stable Diffusion folder (it has a text encoder)" if (folder / "text_encoder").is_dir() else "no image_encoder/ folder"
         raise CheckpointError(f"{folder}: not a Paint by Example hub folder: {what}")
-    config = PaintByExampleConfig(**{
-        network: HUB_CONFIG_READERS[network](_read_json(folder / name), origin=str(folder / name))
-        for network, name in HUB_CONFIG_FILES.items()
-    })
+    config = hub_folder_config(folder)
+    check_same_config(base, config, origin=str(folder))
     _check_paint_by_example(config, str(folder))
     result = Converted(config, {}, "diffusers")
     for network, names in HUB_WEIGHT_FILES.items():
@@ -116,12 +163,13 @@ def convert_ldm_state_dict(source: dict[str, torch.Tensor], *, origin: str, base
                            dtype: torch.dtype | None = None) -> Converted:
     """An original-layout state dict (``model.ckpt``'s ``state_dict``), structure read from its shapes.
 
-    Head counts and GroupNorm groups cannot be read from weights: they come from ``base`` (default: official values).
+    Head counts and GroupNorm groups cannot be read from weights: they come from ``base``; without it from the official
+    config, if the structure is the official one (see ``configs.config_from_ldm``).
     """
     if any(k.startswith("cond_stage_model.transformer.text_model.") for k in source):
         raise CheckpointError(f"{origin}: has CLIP text-encoder keys: a Stable Diffusion checkpoint, not Paint by Example")
     shapes = {k: v.shape for k, v in source.items()}
-    config = configs.config_from_ldm(shapes, base or PaintByExampleConfig(), origin=origin)
+    config = configs.config_from_ldm(shapes, base, origin=origin)
     _check_paint_by_example(config, origin)
     common_ignored = dict(IGNORED["ldm"]["all"])
     claimed = tuple(prefix for prefixes in LDM_PREFIXES.values() for prefix in prefixes)
@@ -136,12 +184,17 @@ def convert_ldm_state_dict(source: dict[str, torch.Tensor], *, origin: str, base
 
 
 def convert(src: str | Path, *, base: PaintByExampleConfig | None = None, dtype: torch.dtype | None = None) -> Converted:
-    """Either official layout -> our names. ``src``: a hub-layout folder, or an original-layout ``.ckpt``/``.safetensors``."""
+    """Either official layout -> our names. ``src``: a hub-layout folder, or an original-layout ``.ckpt`` or
+    ``.safetensors``.
+
+    ``base``: the config of an original-layout checkpoint's networks (``read_config`` reads one from a file); needed
+    unless its structure is the official one. A hub folder has its own, which ``base`` (if given) must equal.
+    """
     path = Path(src)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        return convert_hub_folder(path, dtype=dtype)
+        return convert_hub_folder(path, dtype=dtype, base=base)
     source = read_tensors(path)
     if any(k.startswith("model.diffusion_model.") for k in source):
         return convert_ldm_state_dict(source, origin=str(path), base=base, dtype=dtype)
