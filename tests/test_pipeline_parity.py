@@ -161,3 +161,18 @@ def test_bfloat16_generation_matches_diffusers_in_bfloat16(bfloat16_pipes, sampl
     assert torch.isfinite(result).all()
     err = generation_error("latents", result, expected)
     assert err <= ROUNDING_BOUND[torch.bfloat16], (sampler, err)
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "ddim", "lms", *NEW_SAMPLERS])
+@torch.no_grad()
+def test_every_sampler_generates_on_a_device_that_is_not_the_cpu(sampler: str) -> None:
+    """The device wiring of the generations above without a GPU: on ``meta``, where an op mixing in a CPU tensor raises
+    as it would on CUDA, a whole generation (CPU generator, DDIM's per-step noise included) stays on the pipeline's
+    device. Values are checked on PBE_TEST_DEVICE (meta computes none)."""
+    pipe = PaintByExample.from_pretrained(HUB, device="meta")
+    example, image, mask = (PIL.Image.fromarray(SAMPLERS[f"pipeline.inputs.{k}"].numpy())
+                            for k in ("example", "image", "mask"))
+    latents = pipe(example, image, mask, num_inference_steps=5, scheduler=sampler, eta=0.5, output_type="latent",
+                   generator=torch.Generator().manual_seed(0), progress=False).images
+    assert latents.device.type == "meta"
+    assert latents.shape == SAMPLERS["pipeline.lms.guided.latents"].shape  # the inputs' size in every case
