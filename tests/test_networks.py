@@ -119,6 +119,11 @@ def _timestep(value: torch.Tensor, device: torch.device) -> torch.Tensor | int:
     return value.to(device) if value.ndim else int(value)
 
 
+def _sample_generator(reference: dict, vae_name: str) -> torch.Generator:
+    """A CPU generator on every device: pbe draws where the generator is, as diffusers does, so seeds match."""
+    return torch.Generator().manual_seed(int(reference[f"{vae_name}.sample_seed"]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @torch.no_grad()
@@ -146,9 +151,7 @@ def test_networks_match_reference(layouts, reference, yardsticks, device, layout
     for name in ("mean", "logvar", "std"):
         check(getattr(posterior, name), f"{vae_name}.{name}", name)
     if dtype == torch.float32:  # the noise is drawn in the latent's dtype, so only float32 draws the reference's numbers
-        # A CPU generator on every device: pbe draws where the generator is, as diffusers does.
-        sample = posterior.sample(torch.Generator().manual_seed(int(reference[f"{vae_name}.sample_seed"])))
-        _check(sample, reference, f"{vae_name}.sample", dtype, layout, device=device)
+        check(posterior.sample(_sample_generator(reference, vae_name)), f"{vae_name}.sample", "sample")
     check(nets.vae.decode(at(f"{vae_name}.z")), f"{vae_name}.decoded", "decoded")
 
     check(nets.image_encoder(at(f"{encoder_name}.pixel_values")), f"{encoder_name}.out", "encoder")
@@ -203,6 +206,7 @@ def _diffusers_outputs(reference: dict, names: tuple, *, dtype: torch.dtype, dev
         out[f"{k}.out"] = unet(at(f"{k}.sample"), timestep, encoder_hidden_states=at(f"{k}.context")).sample
     posterior = vae.encode(at(f"{vae_name}.x")).latent_dist
     out |= {f"{vae_name}.{name}": getattr(posterior, name) for name in ("mean", "logvar", "std")}
+    out[f"{vae_name}.sample"] = posterior.sample(_sample_generator(reference, vae_name))
     out[f"{vae_name}.decoded"] = vae.decode(at(f"{vae_name}.z")).sample
     out[f"{encoder_name}.out"] = encoder(at(f"{encoder_name}.pixel_values"))
     return out
