@@ -17,7 +17,17 @@ from diffusers import UNet2DConditionModel
 import pbe
 from pbe import devices
 
-from conftest import HUB, REFERENCE_MARGIN, ROUNDING_BOUND, parity_tolerance, relative_error
+from conftest import (
+    CROSS_DEVICE_FLOAT32,
+    HUB,
+    REFERENCE_MARGIN,
+    ROUNDING_BOUND,
+    configure_device,
+    parity_tolerance,
+    reference_bound,
+    relative_error,
+    rounding_bound,
+)
 
 AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma"})  # AMD Zen 3
 AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512_bf16"}  # AMD Zen 4
@@ -163,3 +173,47 @@ def test_parity_tolerance_is_the_rounding_bound_or_the_references_own_error_with
     assert runs == [("cpu", torch.float32), ("meta", torch.float16)]
     stray[torch.bfloat16] = 1e-3  # ... or less far: the rounding bound holds
     assert parity_tolerance(run_reference, device=meta, dtype=torch.bfloat16) == ROUNDING_BOUND[torch.bfloat16]
+
+
+
+# ---- the tolerance logic off the CPU, without a GPU (torch.device("cuda") is only a name here) ---------------------------
+
+CUDA = torch.device("cuda")
+
+
+def test_float32_off_the_cpu_is_bounded_by_the_cross_device_bound_and_the_cpu_keeps_its_own() -> None:
+    assert rounding_bound(torch.float32, device=torch.device("cpu")) == ROUNDING_BOUND[torch.float32] == 1e-5
+    assert rounding_bound(torch.float32, device=CUDA) == CROSS_DEVICE_FLOAT32 > ROUNDING_BOUND[torch.float32]
+    assert rounding_bound(torch.float32, device=torch.device("mps")) == CROSS_DEVICE_FLOAT32
+    for dtype in (torch.bfloat16, torch.float16):  # half precision rounds the same everywhere
+        assert rounding_bound(dtype, device=CUDA) == ROUNDING_BOUND[dtype]
+        assert rounding_bound(dtype, device=torch.device("cpu")) == ROUNDING_BOUND[dtype]
+    assert reference_bound(1e-4, 1e-5) == 1e-4 and reference_bound(1e-4, 1e-3) == pytest.approx(REFERENCE_MARGIN * 1e-3)
+
+
+def test_parity_tolerance_on_cuda_measures_diffusers_there_against_its_cpu_float32() -> None:
+    runs, stray = [], {}
+
+    def run_reference(on: torch.device, precision: torch.dtype) -> torch.Tensor:
+        runs.append((on.type, precision))
+        return torch.full((3,), 1.0 + stray.get((on.type, precision), 0.0))
+
+    # float32 on cuda: diffusers' own run there is measured; the floor is the cross-device bound
+    assert parity_tolerance(run_reference, device=CUDA, dtype=torch.float32) == CROSS_DEVICE_FLOAT32
+    assert runs == [("cpu", torch.float32), ("cuda", torch.float32)]
+    stray["cuda", torch.float32] = 2**-10  # diffusers' float32 on that GPU strays further: pbe may stray 1.25x as far
+    assert parity_tolerance(run_reference, device=CUDA, dtype=torch.float32) == REFERENCE_MARGIN * 2**-10
+    stray["cuda", torch.float16] = 2**-7  # float16 on cuda: diffusers' float16 error there, with the margin
+    assert parity_tolerance(run_reference, device=CUDA, dtype=torch.float16) == REFERENCE_MARGIN * 2**-7
+
+
+def test_cuda_test_runs_compute_float32_without_tf32() -> None:
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # process-wide flags: restored
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # cuDNN's default: on
+        configure_device(torch.device("cpu"))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # the CPU: nothing to change
+        configure_device(torch.device("cuda", 1))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -3,7 +3,10 @@
 Each reference run builds its diffusers scheduler as users do, `Cls.from_config(pndm.config, **overrides)` from the
 hub's PNDM config loaded with `from_pretrained`, and feeds it a fixed function of (sample, t) in place of the UNet;
 pbe builds the same sampler from the same config and must give the same timesteps, the same starting noise scale and,
-after every step, the same sample within 1e-5 relative.
+after every step, the same sample within 1e-5 relative. On another device (PBE_TEST_DEVICE, tests/conftest.py) the
+samples live there (the generator stays a CPU one, as diffusers draws on the generator's device) and the bound is
+conftest.CROSS_DEVICE_FLOAT32: the references were made on a CPU, and a step is elementwise float32 arithmetic whose
+results differ between devices by a few ulps of rounding (sin, fused multiply-adds).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, HUB, relative_error
+from conftest import FIXTURES, HUB, generation_error, load_script, reference_bound, reference_pipeline, relative_error
+from conftest import rounding_bound
 from pbe.schedulers import (
     OFFICIAL_CONFIG,
     SCHEDULERS,
@@ -51,11 +55,12 @@ def build(case: str) -> Scheduler:
 
 
 def run(sched: Scheduler, steps: int, *, eta: float = 0.0, seed: int = SETTINGS["step_seed"],
-        noise: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """A whole scheduler-only generation; the sample after every step."""
+        noise: torch.Tensor | None = None, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """A whole scheduler-only generation on ``device`` (a CPU generator, as the reference's); the sample after every
+    step."""
     this = sched.start(steps)
     generator = torch.Generator().manual_seed(seed)
-    x = (REFERENCE["initial"] if noise is None else noise) * this.init_noise_sigma
+    x = (REFERENCE["initial"] if noise is None else noise).to(device) * this.init_noise_sigma
     trajectory = []
     for t in this.timesteps:
         eps = fake_unet(this.scale_model_input(x, t), t)
@@ -65,18 +70,27 @@ def run(sched: Scheduler, steps: int, *, eta: float = 0.0, seed: int = SETTINGS[
 
 
 @pytest.mark.parametrize("case, steps", [(case, steps) for case in CASES for steps in CASES[case]["steps"]])
-def test_matches_diffusers_after_every_step(case: str, steps: int) -> None:
+def test_matches_diffusers_after_every_step(device, case: str, steps: int) -> None:
     sched = build(case)
     this = sched.start(steps)
     assert this.timesteps.tolist() == REFERENCE[f"{case}.{steps}.timesteps"].tolist()
     assert this.init_noise_sigma == pytest.approx(REFERENCE[f"{case}.{steps}.init_noise_sigma"].item(), rel=1e-7)
     expected = REFERENCE[f"{case}.{steps}.latents"]
-    ours = run(sched, steps, eta=CASES[case]["eta"])
+    ours = run(sched, steps, eta=CASES[case]["eta"], device=device)
     assert len(ours) == len(expected)
+    bound = 1e-5 if device.type == "cpu" else rounding_bound(torch.float32, device=device)
     for i, (x, ref) in enumerate(zip(ours, expected)):
-        assert x.dtype == torch.float32
+        assert x.dtype == torch.float32 and x.device.type == device.type
         err = relative_error(x, ref)
-        assert err <= 1e-5, f"{case}, {steps} steps: step {i} is off by {err:.3g}"
+        assert err <= bound, f"{case}, {steps} steps: step {i} is off by {err:.3g}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_runs_stay_on_a_device_that_is_not_the_cpu(case: str) -> None:
+    """The device wiring of the step above without a GPU: on ``meta``, where an op mixing in a CPU tensor raises as it
+    would on CUDA, every sampler's whole run (a CPU generator included) stays on the sample's device."""
+    trajectory = run(build(case), 5, eta=CASES[case]["eta"], device="meta")
+    assert {x.device.type for x in trajectory} == {"meta"} and trajectory[-1].shape == REFERENCE["initial"].shape
 
 
 def test_every_sampler_and_config_key_is_covered() -> None:
@@ -219,28 +233,45 @@ PIPELINE_CASES = SETTINGS["pipeline_cases"]
 
 
 @pytest.fixture(scope="module")
-def pipe():
+def pipe(device):
     from pbe import PaintByExample
 
-    return PaintByExample.from_pretrained(HUB)
+    return PaintByExample.from_pretrained(HUB, device=device)
+
+
+@pytest.fixture(scope="module")
+def diffusers_pipe(device):
+    """diffusers' pipeline in float32 on the test device, the yardstick off the CPU; None on the CPU (the fixtures
+    were made there: the bounds are the fixed ones)."""
+    return None if device.type == "cpu" else reference_pipeline(device=device, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("case", list(PIPELINE_CASES))
 @torch.no_grad()
-def test_whole_pipeline_matches_diffusers(pipe, case: str) -> None:
+def test_whole_pipeline_matches_diffusers(pipe, diffusers_pipe, case: str) -> None:
     """Each sampler through the whole pipeline, with and without guidance, at 40 x 56: images within 1e-4, latents
-    within 1e-4 relative of diffusers' PaintByExamplePipeline with `pipe.scheduler = Cls.from_config(pndm.config)`."""
+    within 1e-4 relative of diffusers' PaintByExamplePipeline with `pipe.scheduler = Cls.from_config(pndm.config)`
+    (on another device: or within REFERENCE_MARGIN times as far as diffusers' own pipeline there strays, if further)."""
     import PIL.Image
 
     settings = PIPELINE_CASES[case]
     example, image, mask = (PIL.Image.fromarray(REFERENCE[f"pipeline.inputs.{k}"].numpy())
                             for k in ("example", "image", "mask"))
+    generator = lambda: torch.Generator().manual_seed(settings["seed"])  # noqa: E731
     for output_type, key, tolerance in (("np", "images", 1e-4), ("latent", "latents", 1e-4)):
         result = pipe(example, image, mask, num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                       scheduler=make_scheduler(settings["scheduler"]), output_type=output_type, progress=False,
-                      generator=torch.Generator().manual_seed(settings["seed"])).images
+                      generator=generator()).images
         ref = REFERENCE[f"{case}.{key}"]
         result = torch.as_tensor(result)
         assert result.shape == ref.shape
-        err = (result - ref).abs().max().item() if key == "images" else relative_error(result, ref)
+        if diffusers_pipe is not None:
+            script = load_script("make_scheduler_references")  # builds the sampler as the fixture runs did
+            cls, named = script.CLASSES[settings["scheduler"]]
+            diffusers_pipe.scheduler = cls.from_config(script.source_schedulers()["hub"].config, **named)
+            theirs = diffusers_pipe(image=image, mask_image=mask, example_image=example, output_type=output_type,
+                                    num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                                    generator=generator()).images
+            tolerance = reference_bound(tolerance, generation_error(key, torch.as_tensor(theirs), ref))
+        err = generation_error(key, result, ref)
         assert err <= tolerance, f"{case} {key}: off by {err:.3g}"
