@@ -205,9 +205,9 @@ def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch) -> None:
     from pbe.cli import _batch_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert [_batch_device(None, 3), _batch_device("cuda", 3), _batch_device("cuda:0", 3)] == ["cuda:3"] * 2 + ["cuda:0"]
+    assert [_batch_device("auto", 3), _batch_device("cuda", 3), _batch_device("cuda:0", 3)] == ["cuda:3"] * 2 + ["cuda:0"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _batch_device(None, 3) == "cpu"
+    assert [_batch_device("auto", 3), _batch_device("cpu", 3)] == ["auto", "cpu"]  # auto: resolved as pbe paint does
 
 
 # ---- painting ------------------------------------------------------------------------------------------------------
