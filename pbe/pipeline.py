@@ -246,19 +246,20 @@ class PaintByExample:
         keep_mask = imageio.crop(inputs.keep_mask, size)
         items = regions.plan(size, 1 - keep_mask, strategy=hd_strategy, resolution=resolution, trigger=hd_trigger,
                              margin=hd_margin)
+        as_is = regions.is_as_is(items, size)
+        if not as_is and (output_type == "latent" or latents is not None):
+            what = "output_type='latent'" if output_type == "latent" else "latents"
+            raise ValueError(f"{what}: a {size[0]}x{size[1]} picture with hd_strategy={hd_strategy!r} is painted in "
+                             f"{resolution}-pixel pieces, with no latent of the whole picture; pass "
+                             f"hd_strategy='original' (or hd_trigger >= {max(size)}) to paint it whole")
         context = self._encode_examples(example_image, inputs.batch, n, guided=guided)
-        if regions.is_as_is(items, size):
+        if as_is:
             latents = self._paint(inputs, n, sched.start(num_inference_steps), context, latents=latents, **denoise)
             if output_type == "latent":
                 return PaintByExampleOutput(latents)
             result = self._decode(latents, inputs, n, keep_unmasked=keep_unmasked, mask_blur=mask_blur)
             return _convert(imageio.crop(result, size), output_type)
 
-        if output_type == "latent" or latents is not None:
-            what = "output_type='latent'" if output_type == "latent" else "latents"
-            raise ValueError(f"{what}: a {size[0]}x{size[1]} picture with hd_strategy={hd_strategy!r} is painted in "
-                             f"{resolution}-pixel pieces, with no latent of the whole picture; pass "
-                             f"hd_strategy='original' (or hd_trigger >= {max(size)}) to paint it whole")
         # Each item: its crop of the picture and mask at its working size, painted like a small picture on its own.
         pixels = imageio.crop(inputs.pixels, size)
         result = (pixels / 2 + 0.5).repeat(n, 1, 1, 1)  # the input in [0, 1], as _decode's paste-back takes it
