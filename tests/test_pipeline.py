@@ -143,7 +143,8 @@ def test_denoising_loop_and_only_it_reuses_freed_memory(pipe, monkeypatch) -> No
         ({"keep_unmasked": True, "output_type": "latent"}, "keep_unmasked"),
         ({"mask_blur": -1.0}, "mask_blur: expected a radius >= 0"),
         ({"latents": torch.zeros(1, 4, 3, 3)}, r"latents: expected shape \[1, 4, 5, 6\]"),
-        ({"num_inference_steps": 1001}, "num_inference_steps: expected an integer from 1 to num_train_timesteps = 1000"),
+        ({"num_inference_steps": 1001},
+         "num_inference_steps: expected an integer from 1 to num_train_timesteps = 1000, got 1001"),
         ({"hd_strategy": "tile"}, "hd_strategy: expected one of crop, resize, original, got 'tile'"),
         ({"resolution": 500}, "resolution: expected a positive multiple of 8"),
         ({"hd_trigger": 0}, "hd_trigger: expected a positive integer"),
@@ -438,5 +439,6 @@ def test_a_huge_guidance_scale_stops_at_the_step_where_the_latents_overflow(pipe
 def test_a_nan_weight_stops_at_the_first_step_and_names_the_weights() -> None:
     poisoned = PaintByExample.from_pretrained(HUB)
     next(poisoned.unet.parameters()).data.view(-1)[0] = float("nan")
-    with pytest.raises(RuntimeError, match=r"after denoising step 1 of 3 \(timestep 501\); look at the weights \(a corrupt"):
+    with pytest.raises(RuntimeError,
+                       match=r"after denoising step 1 of 3 \(timestep 501\); look at the weights \(a corrupt"):
         _paint(poisoned, _picture(40, 48, 1), _mask(40, 48))
