@@ -234,7 +234,7 @@ def _paint(args: argparse.Namespace) -> int:
         raise ValueError(f"--mask is {'x'.join(map(str, inputs['mask'].size))} pixels but --image is "
                          f"{'x'.join(map(str, inputs['image'].size))}; they must be the same size")
     if not images.read_repaint_mask(inputs["mask"]).gt(0.5).any():  # as the pipeline reads it, alpha included
-        print(f"warning: {args.mask} has no white pixels: nothing will be repainted", file=sys.stderr)
+        print(f"warning: {args.mask} has no opaque white pixels: nothing will be repainted", file=sys.stderr)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     print(choice, file=sys.stderr)
     print(f"to repeat this run: {_repeat_command(args, seed)}", file=sys.stderr)

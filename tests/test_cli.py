@@ -262,7 +262,7 @@ def test_an_empty_mask_warns_alpha_included(tmp_path, hub, inputs, capsys) -> No
     transparent.putalpha(0)
     transparent.save(tmp_path / "transparent.png")
     assert main(paint_args({**inputs, "mask": tmp_path / "transparent.png"}, tmp_path / "out.png", hub)) == 0
-    assert "transparent.png has no white pixels: nothing will be repainted" in capsys.readouterr().err
+    assert "transparent.png has no opaque white pixels: nothing will be repainted" in capsys.readouterr().err
 
 
 def test_cuda_without_cuda(tmp_path, hub, inputs, capsys, monkeypatch) -> None:
