@@ -351,7 +351,8 @@ def paint_manifest(
     memory, ...) is reported in its outcome and the run goes on. Rows whose output exists are skipped unless
     ``overwrite``. With ``ranks`` this process only handles rows ``i`` with ``i mod world_size == rank``.
     ``on_outcome`` is called after each row (the CLI prints failures with it); ``progress`` shows a bar over rows.
-    Other keyword arguments go to ``pipe(...)`` as they are (``scheduler``, ``eta``, ...).
+    Other keyword arguments go to ``pipe(...)`` as they are (``scheduler``, ``eta``, the large-picture options
+    ``hd_strategy``, ``resolution``, ``hd_trigger``, ``hd_margin``, ...).
 
     Raises:
         ManifestError: a malformed manifest, or a row whose output is an input file (before anything is painted).

@@ -1,19 +1,25 @@
-"""The ``pbe`` command: ``pbe paint ...`` paints an image, ``pbe convert SRC OUT`` converts a checkpoint.
+"""The ``pbe`` command: ``pbe paint`` paints one picture, ``pbe batch MANIFEST`` paints every row of a manifest with
+one model load (restartable; ``torchrun`` spreads it over processes), ``pbe convert SRC OUT`` converts a checkpoint.
 
-``pbe paint`` prints, on stderr, the device and dtype it runs on (``auto``, the default, resolved: see pbe.devices) and
-the full command line that repeats the run (its seed, device and dtype included), then the progress bar.
-Outputs are written atomically (a temporary file in the same folder, then a rename): a failed run leaves nothing
-under the output name. Errors end with one ``error: ...`` line on stderr, never a traceback: exit status 2 for bad
-arguments (as argparse's own errors), 1 for everything else (missing or unreadable files, checkpoints, devices).
+``paint`` and ``batch`` share their painting options (one definition: ``_add_paint_options``) and check them the same
+way, before anything loads: ranges (``--steps`` against the scheduler's training steps, ...), outputs that would
+overwrite an input, an output folder that is missing or cannot be written. They print, on stderr, the device and dtype
+they run on (``auto``, the default, resolved: see pbe.devices) and the command line that repeats the run (its seed,
+device and dtype included), then the progress bar. Outputs are written atomically (a temporary file in the same
+folder, then a rename): a failed run leaves nothing under the output name. Errors end with one ``error: ...`` line
+on stderr, never a traceback: exit status 2 for bad arguments (as argparse's own errors), 1 for everything else
+(missing or unreadable files, checkpoints, devices, NaN in the latents).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,18 +28,18 @@ from tqdm.auto import tqdm
 
 from weights_convert import command as convert_command
 
-from . import __version__, batch, devices, images
+from . import __version__, batch, devices, images, regions
+from .batch import OUTPUT_FORMATS, save_image
 from .checkpoint import DTYPES
 from .errors import COMMAND_ERRORS, error_line
-from .files import write_atomically
 from .loading import DEFAULT_REPO
 from .pipeline import PaintByExample
-from .schedulers import SCHEDULERS
+from .schedulers import SCHEDULERS, make_scheduler
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # output suffix -> Pillow format
+INPUT_FLAGS = ("image", "mask", "example")  # pbe paint's input files
 
 
 class UsageError(ValueError):
@@ -51,27 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     paint.add_argument("--example", required=True, type=Path, help="the example image whose content is painted in")
     paint.add_argument("-o", "--output", required=True, type=Path,
                        help="output .png or .jpg (with --num-images N > 1: OUT-0.png ... OUT-{N-1}.png)")
-    paint.add_argument("--checkpoint", default=DEFAULT_REPO,
-                       help=f"hub repo id (default {DEFAULT_REPO}), hub-layout folder, original model.ckpt "
-                            "or pbe .safetensors")
-    paint.add_argument("--config", type=Path, default=None,
-                       help="the networks' config, for an original-layout checkpoint of a non-official structure: "
-                            "a pbe config JSON or a hub-layout folder (its unet/, vae/, image_encoder/ config.json)")
-    paint.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    paint.add_argument("--guidance", type=float, default=5.0,
-                       help="classifier-free guidance scale; 1 or less turns guidance off (default 5)")
     paint.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
-    paint.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="pndm", help="sampler (default pndm)")
-    paint.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                       help="network precision; auto: fp16 on a GPU, bf16 on a CPU with bfloat16 instructions "
-                            "(AVX-512-BF16, AMX), fp32 on other CPUs (default auto)")
-    paint.add_argument("--device", default="auto",
-                       help="auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps (default auto)")
     paint.add_argument("--num-images", type=int, default=1, help="images to paint (default 1)")
-    paint.add_argument("--keep-unmasked", action="store_true",
-                       help="paste the input back outside the mask (the model alone shifts its colours slightly)")
-    paint.add_argument("--mask-blur", type=float, default=0.0,
-                       help="with --keep-unmasked: feather the seam by this many pixels (default 0: hard edge)")
+    _add_paint_options(paint)
 
     convert_command.add_arguments(commands.add_parser("convert", help="convert a checkpoint to pbe's native .safetensors",
                                                       description=convert_command.DESCRIPTION))
@@ -79,25 +67,72 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_arguments(args: argparse.Namespace) -> str:
-    """Reject bad values before anything slow happens (UsageError: exit 2), then settle an ``auto`` device and dtype:
-    returns the line that says which run."""
-    if args.steps < 1:
-        raise UsageError(f"--steps: expected a positive integer, got {args.steps}")
-    if args.num_images < 1:
-        raise UsageError(f"--num-images: expected a positive integer, got {args.num_images}")
+def _add_paint_options(parser: argparse.ArgumentParser) -> None:
+    """The painting options ``paint`` and ``batch`` share: one definition, so their defaults and choices agree."""
+    parser.add_argument("--checkpoint", default=DEFAULT_REPO,
+                        help=f"hub repo id (default {DEFAULT_REPO}), hub-layout folder, original model.ckpt "
+                             "or pbe .safetensors")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="the networks' config, for an original-layout checkpoint of a non-official structure: "
+                             "a pbe config JSON or a hub-layout folder (its unet/, vae/, image_encoder/ config.json)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--guidance", type=float, default=5.0,
+                        help="classifier-free guidance scale; 1 or less turns guidance off (default 5)")
+    parser.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="pndm", help="sampler (default pndm)")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="network precision; auto: fp16 on a GPU, bf16 on a CPU with bfloat16 instructions "
+                             "(AVX-512-BF16, AMX), fp32 on other CPUs (default auto)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps (default auto); "
+                             "under torchrun, auto and cuda mean cuda:LOCAL_RANK")
+    parser.add_argument("--keep-unmasked", action="store_true",
+                        help="paste the input back outside the mask (the model alone shifts its colours slightly)")
+    parser.add_argument("--mask-blur", type=float, default=0.0,
+                        help="with --keep-unmasked: feather the seam by this many pixels (default 0: hard edge)")
+    parser.add_argument("--hd-strategy", choices=regions.STRATEGIES, default="crop",
+                        help="pictures larger than --hd-trigger: crop (paint each mask region in a box around it, "
+                             "scaled to --resolution), resize (paint the whole picture scaled to --resolution) or "
+                             "original (paint it at its own size: slow, and at a scale the model never saw); crop "
+                             "and resize paste the painted part back through the mask (default crop)")
+    parser.add_argument("--resolution", type=int, default=512,
+                        help="working size of the longer side with crop and resize, a multiple of 8 (default 512)")
+    parser.add_argument("--hd-trigger", type=int, default=800,
+                        help="pictures whose longer side is at most this many pixels are painted whole, at their "
+                             "own size (default 800)")
+    parser.add_argument("--hd-margin", type=int, default=128,
+                        help="with crop: pixels of context around each mask region (default 128)")
+
+
+def _training_steps(args: argparse.Namespace) -> int:
+    """The scheduler's training steps (``num_train_timesteps``): the checkpoint folder's scheduler config if it has
+    one, else the official value; read without loading anything."""
+    config_file = Path(args.checkpoint) / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--checkpoint {args.checkpoint}: cannot read {config_file}: {err}") from None
+    return make_scheduler(args.scheduler, config).config.num_train_timesteps
+
+
+def _check_paint_options(args: argparse.Namespace) -> str:
+    """Reject bad values of the shared painting options before anything slow happens (UsageError: exit 2), then
+    settle an ``auto`` device and dtype: returns the line that says which run."""
+    training_steps = _training_steps(args)
+    if not 1 <= args.steps <= training_steps:
+        raise UsageError(f"--steps: expected an integer from 1 to the scheduler's {training_steps} training steps "
+                         f"(num_train_timesteps), got {args.steps}")
     if not math.isfinite(args.guidance):
         raise UsageError(f"--guidance: expected a finite number, got {args.guidance}")
-    if args.seed is not None and not 0 <= args.seed < 2**64:
-        raise UsageError(f"--seed: expected an integer from 0 to 2**64 - 1, got {args.seed}")
     if not math.isfinite(args.mask_blur) or args.mask_blur < 0:
         raise UsageError(f"--mask-blur: expected a radius >= 0, got {args.mask_blur}")
     if args.mask_blur > 0 and not args.keep_unmasked:
         raise UsageError("--mask-blur only applies with --keep-unmasked")
-    if args.output.suffix.lower() not in IMAGE_FORMATS:
-        raise UsageError(f"-o {args.output}: expected a file name ending in {', '.join(IMAGE_FORMATS)}")
-    if args.output.is_dir():
-        raise UsageError(f"-o {args.output}: is a folder; give a file name such as {args.output / 'painted.png'}")
+    if args.resolution < 8 or args.resolution % 8:
+        raise UsageError(f"--resolution: expected a positive multiple of 8, got {args.resolution}")
+    if args.hd_trigger < 1:
+        raise UsageError(f"--hd-trigger: expected a positive number of pixels, got {args.hd_trigger}")
+    if args.hd_margin < 0:
+        raise UsageError(f"--hd-margin: expected a number of pixels >= 0, got {args.hd_margin}")
     try:
         device = devices.resolve_device(args.device)
     except ValueError:
@@ -118,6 +153,42 @@ def _check_arguments(args: argparse.Namespace) -> str:
     return _choose_device_and_dtype(args, device)
 
 
+def _check_paint_arguments(args: argparse.Namespace) -> str:
+    """``pbe paint``'s checks: the shared options, then its own (seed, count, outputs); returns which run."""
+    if args.num_images < 1:
+        raise UsageError(f"--num-images: expected a positive integer, got {args.num_images}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed: expected an integer from 0 to 2**64 - 1, got {args.seed}")
+    if args.output.suffix.lower() not in OUTPUT_FORMATS:
+        raise UsageError(f"-o {args.output}: expected a file name ending in {', '.join(OUTPUT_FORMATS)}")
+    if args.output.is_dir():
+        raise UsageError(f"-o {args.output}: is a folder; give a file name such as {args.output / 'painted.png'}")
+    inputs = {getattr(args, flag).resolve(): flag for flag in INPUT_FLAGS}
+    for output in _output_paths(args.output, args.num_images):
+        if output.resolve() in inputs:
+            raise UsageError(f"-o {args.output}: would overwrite the input {output} (--{inputs[output.resolve()]}); "
+                             "choose another output name")
+    _check_writable_folder("-o", args.output.parent, create=False)
+    return _check_paint_options(args)
+
+
+def _check_writable_folder(flag: str, folder: Path, *, create: bool) -> None:
+    """Refuse an output folder that is missing (unless ``create``: then its nearest existing parent must take it)
+    or cannot be written, saying which, before anything slow happens."""
+    existing = folder
+    while create and not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.exists():
+        raise UsageError(f"{flag}: the output folder {folder} does not exist; create it first")
+    if not existing.is_dir():
+        raise UsageError(f"{flag}: {existing} is a file, not a folder")
+    try:  # os.access is not enough: root passes it everywhere, read-only mounts and /proc do not take files
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UsageError(f"{flag}: cannot write in the folder {existing} ({err.strerror or err})") from None
+
+
 def _choose_device_and_dtype(args: argparse.Namespace, device: torch.device) -> str:
     """Replace ``auto`` by the concrete choice (what runs and what the repeat command names); returns what it is."""
     choice = f"device {device}{' (auto)' if args.device == 'auto' else ''}"
@@ -133,10 +204,11 @@ def _repeat_command(args: argparse.Namespace, seed: int) -> str:
     flags = ["pbe", "paint", "--image", args.image, "--mask", args.mask, "--example", args.example, "-o", args.output,
              "--checkpoint", args.checkpoint, "--steps", args.steps, "--guidance", args.guidance, "--seed", seed,
              "--scheduler", args.scheduler, "--dtype", args.dtype, "--device", args.device,
-             "--num-images", args.num_images]
+             "--num-images", args.num_images, "--hd-strategy", args.hd_strategy, "--resolution", args.resolution,
+             "--hd-trigger", args.hd_trigger, "--hd-margin", args.hd_margin]
     if args.keep_unmasked:
         flags += ["--keep-unmasked", "--mask-blur", args.mask_blur]
-    if getattr(args, "config", None) is not None:  # `pbe batch` has no --config
+    if args.config is not None:
         flags += ["--config", args.config]
     return shlex.join(str(flag) for flag in flags)
 
@@ -154,31 +226,37 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
 
 
-def _save_atomically(image: Image, path: Path) -> None:
-    """Write to a temporary file in the destination folder, then rename: no half-written file under ``path``."""
-    write_atomically(path, lambda tmp: image.save(tmp, format=IMAGE_FORMATS[path.suffix.lower()]))
+def _pipe_options(args: argparse.Namespace) -> dict[str, object]:
+    """The shared painting options as the pipeline's keyword arguments (steps and guidance aside)."""
+    return {"keep_unmasked": args.keep_unmasked, "mask_blur": args.mask_blur, "hd_strategy": args.hd_strategy,
+            "resolution": args.resolution, "hd_trigger": args.hd_trigger, "hd_margin": args.hd_margin}
+
+
+def _load_pipeline(args: argparse.Namespace) -> PaintByExample:
+    """The pipeline the painting options ask for (``paint`` and ``batch`` alike)."""
+    return PaintByExample.from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device,
+                                          scheduler=args.scheduler, config=args.config)
 
 
 def _paint(args: argparse.Namespace) -> int:
-    choice = _check_arguments(args)
-    inputs = {name: _load_image(name, getattr(args, name)) for name in ("image", "mask", "example")}
+    choice = _check_paint_arguments(args)
+    inputs = {name: _load_image(name, getattr(args, name)) for name in INPUT_FLAGS}
     if inputs["image"].size != inputs["mask"].size:
         raise ValueError(f"--mask is {'x'.join(map(str, inputs['mask'].size))} pixels but --image is "
                          f"{'x'.join(map(str, inputs['image'].size))}; they must be the same size")
-    if inputs["mask"].convert("L").getextrema()[1] < 128:  # repaint where mask / 255 > 0.5
-        print(f"warning: {args.mask} has no white pixels: nothing will be repainted", file=sys.stderr)
+    if not images.read_repaint_mask(inputs["mask"]).gt(0.5).any():  # as the pipeline reads it, alpha included
+        print(f"warning: {args.mask} has no opaque white pixels: nothing will be repainted", file=sys.stderr)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     print(choice, file=sys.stderr)
     print(f"to repeat this run: {_repeat_command(args, seed)}", file=sys.stderr)
 
-    pipe = PaintByExample.from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device,
-                                          scheduler=args.scheduler, config=args.config)
+    pipe = _load_pipeline(args)
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
     result = pipe(inputs["example"], inputs["image"], inputs["mask"], num_inference_steps=args.steps,
                   guidance_scale=args.guidance, num_images_per_prompt=args.num_images, generator=generator,
-                  keep_unmasked=args.keep_unmasked, mask_blur=args.mask_blur)
+                  **_pipe_options(args))
     for image, path in zip(result.images, _output_paths(args.output, args.num_images)):
-        _save_atomically(image, path)
+        save_image(image, path)
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -199,30 +277,17 @@ def _add_batch_parser(commands: argparse._SubParsersAction) -> None:
                              "(relative to --output-dir; default: the image's file stem + .png)")
     batch_.add_argument("-o", "--output-dir", required=True, type=Path, help="folder for the painted images")
     batch_.add_argument("--overwrite", action="store_true", help="paint rows whose output already exists again")
-    batch_.add_argument("--checkpoint", default=DEFAULT_REPO,
-                        help=f"hub repo id (default {DEFAULT_REPO}), hub-layout folder, original model.ckpt "
-                             "or pbe .safetensors")
-    batch_.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    batch_.add_argument("--guidance", type=float, default=5.0,
-                        help="classifier-free guidance scale; 1 or less turns guidance off (default 5)")
     batch_.add_argument("--seed", type=int, default=0,
                         help="row i without a seed field is painted with seed SEED + i (default 0)")
-    batch_.add_argument("--scheduler", choices=("pndm", "ddim", "lms"), default="pndm", help="sampler (default pndm)")
-    batch_.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="network precision (default fp32)")
-    batch_.add_argument("--device", default=None,
-                        help="cpu, cuda, cuda:N or mps (default: cuda:LOCAL_RANK when CUDA is present, else cpu; "
-                             "cuda alone also means cuda:LOCAL_RANK)")
-    batch_.add_argument("--keep-unmasked", action="store_true",
-                        help="paste the input back outside the mask (the model alone shifts its colours slightly)")
-    batch_.add_argument("--mask-blur", type=float, default=0.0,
-                        help="with --keep-unmasked: feather the seam by this many pixels (default 0: hard edge)")
+    _add_paint_options(batch_)
 
 
-def _batch_device(requested: str | None, local_rank: int) -> str:
-    """The device of this rank: each rank on its own GPU unless --device names one."""
-    if requested is None:
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    return f"cuda:{local_rank}" if requested == "cuda" else requested
+def _batch_device(requested: str, local_rank: int) -> str:
+    """The device of this rank: with CUDA present, ``auto`` and ``cuda`` mean its own GPU, cuda:LOCAL_RANK; any
+    other value (``auto`` without CUDA included) is resolved as ``pbe paint`` resolves it."""
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return requested
 
 
 def _row_as_paint(args: argparse.Namespace, row: batch.Row, output: Path) -> argparse.Namespace:
@@ -236,9 +301,8 @@ def _batch(args: argparse.Namespace) -> int:
     args.device = _batch_device(args.device, ranks.local_rank)
     # Everything that can be refused is refused before the model loads, on every rank alike.
     rows = batch.read_manifest(args.manifest)
-    _check_arguments(_row_as_paint(args, rows[0], args.output_dir / rows[0].output))
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        raise UsageError(f"--output-dir {args.output_dir}: is a file, not a folder")
+    choice = _check_paint_options(args)
+    _check_writable_folder("--output-dir", args.output_dir, create=True)
     batch.check_seeds(rows, args.seed)
     batch.check_outputs_are_not_inputs(rows, args.output_dir)
 
@@ -246,7 +310,7 @@ def _batch(args: argparse.Namespace) -> int:
     pending = batch.pending_rows(rows, args.output_dir, ranks=ranks, overwrite=args.overwrite)
     who = "" if ranks.world_size == 1 else f"rank {ranks.rank} of {ranks.world_size}: "
     print(f"{who}{len(mine)} of {len(rows)} rows of {args.manifest}; {len(mine) - len(pending)} already painted "
-          f"(skipped), {len(pending)} to paint on {args.device}", file=sys.stderr)
+          f"(skipped), {len(pending)} to paint; {choice}", file=sys.stderr)
 
     def report(outcome: batch.RowOutcome) -> None:
         if outcome.status == "failed":
@@ -254,12 +318,10 @@ def _batch(args: argparse.Namespace) -> int:
 
     batch.join_ranks(ranks)
     if pending:
-        pipe = PaintByExample.from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device,
-                                              scheduler=args.scheduler)
+        pipe = _load_pipeline(args)
         outcomes = batch.paint_manifest(pipe, rows, args.output_dir, seed=args.seed, num_inference_steps=args.steps,
-                                        guidance_scale=args.guidance, keep_unmasked=args.keep_unmasked,
-                                        mask_blur=args.mask_blur, overwrite=args.overwrite, ranks=ranks,
-                                        on_outcome=report)
+                                        guidance_scale=args.guidance, overwrite=args.overwrite, ranks=ranks,
+                                        on_outcome=report, **_pipe_options(args))
     else:
         outcomes = [batch.RowOutcome(row, "skipped", batch.row_seed(row, args.seed), args.output_dir / row.output)
                     for row in mine]

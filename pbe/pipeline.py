@@ -6,6 +6,11 @@ Same semantics, same random draws in the same order, as diffusers' ``PaintByExam
 3. (DDIM with eta > 0 only) one noise draw per step.
 Classifier-free guidance runs the batch as [unconditional, conditional] and mixes eps_u + s (eps_c - eps_u).
 
+Large pictures (``hd_strategy``, see pbe.regions): a picture whose longer side is at most ``hd_trigger`` pixels, or
+any picture with ``hd_strategy="original"``, runs exactly as above. Otherwise the picture is cut into work items (one
+per mask region with "crop", the whole picture scaled with "resize"), the example is encoded once, and each item is
+painted in turn, in plan order, with its own draws 1-3 in the order above, then pasted back through the mask.
+
 Each network is fed in its own parameters' dtype and device (an fp16 UNet may sit beside an fp32 autoencoder): the
 stages convert their results on the way to the next network.
 """
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import devices
+from . import devices, regions
 from . import images as imageio
 from .loading import DEFAULT_REPO, PaintByExampleNetworks, load, resolve_checkpoint
 from .memory import reuse_freed_memory
@@ -200,6 +205,10 @@ class PaintByExample:
         progress: bool = True,
         keep_unmasked: bool = False,
         mask_blur: float = 0.0,
+        hd_strategy: str = "crop",
+        resolution: int = 512,
+        hd_trigger: int = 800,
+        hd_margin: int = 128,
         **unsupported: Any,
     ) -> PaintByExampleOutput:
         """Paint the white part of ``mask_image`` in ``image`` with the content of ``example_image``.
@@ -208,30 +217,71 @@ class PaintByExample:
         in [-1, 1], a tensor mask in [0, 1] with 1 = repaint, a tensor example is already CLIP-normalised. One example
         may serve a whole batch. ``keep_unmasked`` pastes the input back outside the mask (softened by ``mask_blur``
         pixels); sides that are not multiples of 8 are padded and cropped back.
+
+        Large pictures: when the longer side exceeds ``hd_trigger`` pixels, ``hd_strategy="crop"`` paints one box per
+        mask region (grown by ``hd_margin`` pixels of context) scaled so its longer side is ``resolution``;
+        ``"resize"`` paints the whole picture scaled to ``resolution``; ``"original"`` paints it at its own size.
+        With crop and resize the painted pixels are always pasted back through the mask (feathered by ``mask_blur``),
+        the output has the input's size and every pixel farther from the mask than the feather radius is the
+        input's; the random draws are made per item, in plan order; ``callback`` is called for each item's loop;
+        ``latents`` and ``output_type="latent"`` are refused (there is no single latent of the whole picture).
+        Below the trigger nothing changes: the picture is painted whole, as diffusers does.
+
+        Raises:
+            ValueError: an argument out of range (named) or a bad input.
+            RuntimeError: NaN or inf in the latents, raised at the step where it appears (the message says where to
+                look: the weights, the guidance scale, the precision).
         """
         self._check_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, output_type, callback_steps,
                               keep_unmasked, mask_blur, unsupported)
+        _check_hd_arguments(hd_strategy, resolution, hd_trigger, hd_margin)
         if isinstance(scheduler, str):
             scheduler = make_scheduler(scheduler, self.scheduler_config)
         sched = scheduler or self.scheduler
+        sched.start(num_inference_steps)  # refuses steps > the scheduler's training steps before any work
         n, guided = num_images_per_prompt, guidance_scale > 1.0
+        denoise = dict(guidance_scale=guidance_scale, eta=eta, generator=generator, callback=callback,
+                       callback_steps=callback_steps, progress=progress)
 
         inputs = self._prepare_inputs(image, mask_image)
+        size = inputs.original_size
+        keep_mask = imageio.crop(inputs.keep_mask, size)
+        items = regions.plan(size, 1 - keep_mask, strategy=hd_strategy, resolution=resolution, trigger=hd_trigger,
+                             margin=hd_margin)
+        as_is = regions.is_as_is(items, size)
+        if not as_is and (output_type == "latent" or latents is not None):
+            what = "output_type='latent'" if output_type == "latent" else "latents"
+            raise ValueError(f"{what}: a {size[0]}x{size[1]} picture with hd_strategy={hd_strategy!r} is painted in "
+                             f"{resolution}-pixel pieces, with no latent of the whole picture; pass "
+                             f"hd_strategy='original' (or hd_trigger >= {max(size)}) to paint it whole")
         context = self._encode_examples(example_image, inputs.batch, n, guided=guided)
-        run = sched.start(num_inference_steps)  # this call's timesteps and sampler state
-        # Random draws 1 and 2, in diffusers' order: the initial noise, then the masked image's latent.
+        if as_is:
+            latents = self._paint(inputs, n, sched.start(num_inference_steps), context, latents=latents, **denoise)
+            if output_type == "latent":
+                return PaintByExampleOutput(latents)
+            result = self._decode(latents, inputs, n, keep_unmasked=keep_unmasked, mask_blur=mask_blur)
+            return _convert(imageio.crop(result, size), output_type)
+
+        # Each item: its crop of the picture and mask at its working size, painted like a small picture on its own.
+        pixels = imageio.crop(inputs.pixels, size)
+        result = (pixels / 2 + 0.5).repeat(n, 1, 1, 1)  # the input in [0, 1], as _decode's paste-back takes it
+        full_keep_mask = keep_mask.repeat(n, 1, 1, 1)
+        for item in items:
+            crop = PreparedInputs(regions.crop_image(pixels, item),
+                                  regions.crop_keep_mask(keep_mask, item), item.size)
+            painted_latents = self._paint(crop, n, sched.start(num_inference_steps), context, latents=None, **denoise)
+            painted = self._decode(painted_latents, crop, n, keep_unmasked=False, mask_blur=0.0)
+            regions.paste(result, painted, full_keep_mask, item, blur_radius=mask_blur)
+        return _convert(result, output_type)
+
+    def _paint(self, inputs: PreparedInputs, n: int, run: Run, context: torch.Tensor, *,
+               latents: torch.Tensor | None, **denoise: Any) -> torch.Tensor:
+        """Stage 4 on one picture (or one crop): the random draws 1 and 2, in diffusers' order, then the loop."""
+        generator = denoise["generator"]
         latents = self._initial_latents(inputs, n, run.init_noise_sigma, generator=generator, latents=latents)
         masked_latents, latent_mask = self._masked_image_latents(inputs, n, generator=generator)
-
-        latents = self._denoise(
-            run, latents, masked_latents=masked_latents, latent_mask=latent_mask, context=context,
-            guidance_scale=guidance_scale, eta=eta, generator=generator,
-            callback=callback, callback_steps=callback_steps, progress=progress,
-        )
-        if output_type == "latent":
-            return PaintByExampleOutput(latents)
-        return self._decode(latents, inputs, n, output_type=output_type, keep_unmasked=keep_unmasked,
-                            mask_blur=mask_blur)
+        return self._denoise(run, latents, masked_latents=masked_latents, latent_mask=latent_mask, context=context,
+                             **denoise)
 
     @staticmethod
     def _check_arguments(steps: int, guidance: float, n: int, output_type: str, callback_steps: int,
@@ -349,14 +399,17 @@ class PaintByExample:
                     eps_uncond, eps_cond = eps.chunk(2)
                     eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
                 latents = run.step(eps, t, latents, eta=eta, generator=generator)
+                # One reduction per step, negligible next to the UNet (a meta tensor has no values to check).
+                if not latents.is_meta and not torch.isfinite(latents).all():
+                    raise _not_finite(i, len(timesteps), int(t), guidance_scale, latents.dtype)
                 reported = i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0)
                 if callback is not None and reported and i % callback_steps == 0:
                     callback(i // order, int(t), latents)
         return latents
 
-    def _decode(self, latents: torch.Tensor, inputs: PreparedInputs, n: int, *, output_type: str,
-                keep_unmasked: bool, mask_blur: float) -> PaintByExampleOutput:
-        """Stage 5: latents -> images in [0, 1] in the autoencoder's dtype, pasted back if asked, cropped, converted."""
+    def _decode(self, latents: torch.Tensor, inputs: PreparedInputs, n: int, *, keep_unmasked: bool,
+                mask_blur: float) -> torch.Tensor:
+        """Stage 5: latents -> images (B * n, 3, H, W) in [0, 1] in the autoencoder's dtype, pasted back if asked."""
         device, dtype = _placement(self.vae)
         decoded = self.vae.decode(latents.to(device, dtype) / self.vae.config.scaling_factor)
         result = (decoded / 2 + 0.5).clamp(0, 1)
@@ -364,7 +417,34 @@ class PaintByExample:
             original = (inputs.pixels.to(device, dtype) / 2 + 0.5).repeat(n, 1, 1, 1)
             keep_mask = inputs.keep_mask.to(device).repeat(n, 1, 1, 1)
             result = imageio.paste_back(result, original, keep_mask, blur_radius=mask_blur)
-        result = imageio.crop(result, inputs.original_size)
-        if output_type == "pt":
-            return PaintByExampleOutput(result)
-        return PaintByExampleOutput(imageio.to_numpy(result) if output_type == "np" else imageio.to_pil(result))
+        return result
+
+
+def _convert(images: torch.Tensor, output_type: str) -> PaintByExampleOutput:
+    """Stage 5, the end: (N, 3, H, W) images in [0, 1] as ``output_type`` asks ("pt", "np" or "pil")."""
+    if output_type == "pt":
+        return PaintByExampleOutput(images)
+    return PaintByExampleOutput(imageio.to_numpy(images) if output_type == "np" else imageio.to_pil(images))
+
+
+def _not_finite(step: int, steps: int, timestep: int, guidance_scale: float, dtype: torch.dtype) -> RuntimeError:
+    """The error for NaN or inf in the latents: which step, and where to look."""
+    causes = ["the weights (a corrupt or wrongly converted checkpoint holds NaN or inf)",
+              f"a guidance_scale too large (got {guidance_scale:g}; 5 to 10 is usual)"]
+    if dtype in (torch.float16, torch.bfloat16):
+        causes.append(f"an overflow of {dtype} (try bf16 or fp32)" if dtype == torch.float16
+                      else f"the precision {dtype} (try fp32)")
+    return RuntimeError(f"the latents hold NaN or inf after denoising step {step + 1} of {steps} (timestep "
+                        f"{timestep}); look at " + ", or ".join(causes))
+
+
+def _check_hd_arguments(strategy: str, resolution: int, trigger: int, margin: int) -> None:
+    """Refuse bad large-picture arguments before any work, each error naming its argument."""
+    if strategy not in regions.STRATEGIES:
+        raise ValueError(f"hd_strategy: expected one of {', '.join(regions.STRATEGIES)}, got {strategy!r}")
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8 or resolution % 8:
+        raise ValueError(f"resolution: expected a positive multiple of 8 (pixels), got {resolution!r}")
+    if isinstance(trigger, bool) or not isinstance(trigger, int) or trigger < 1:
+        raise ValueError(f"hd_trigger: expected a positive integer (pixels), got {trigger!r}")
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise ValueError(f"hd_margin: expected an integer >= 0 (pixels), got {margin!r}")

@@ -179,6 +179,27 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, data, capsys) -> None:
     assert "row 0 (m.jsonl line 1): its output" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("output_dir", "extra", "message"), [
+    ("/proc/painted", [], "--output-dir: cannot write in the folder /proc"),  # /proc takes no new file, even from root
+    ("a0.png", [], "a0.png is a file, not a folder"),
+    ("out", ["--steps", "5000"], "--steps: expected an integer from 1 to the scheduler's 1000 training steps"),
+    ("out", ["--resolution", "100"], "--resolution: expected a positive multiple of 8"),
+    ("out", ["--mask-blur", "2"], "--mask-blur only applies with --keep-unmasked"),
+])
+def test_bad_options_and_output_folders_are_refused_before_the_model_loads(tmp_path, data, capsys, output_dir, extra,
+                                                                           message) -> None:
+    """The shared painting options are checked as pbe paint checks them; the output folder must be writable."""
+    manifest = write_jsonl(tmp_path / "m.jsonl", [dict(r, image=str(data / r["image"]), mask=str(data / "mask.png"),
+                                                       example=str(data / "example.png")) for r in GOOD])
+    folder = {"a0.png": data / "a0.png", "out": tmp_path / "out"}.get(output_dir, Path(output_dir))
+    # The checkpoint does not exist: had the model started loading, the error would be about it.
+    assert main(batch_args(manifest, folder, tmp_path / "missing-checkpoint", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_seeds_are_the_row_seed_else_base_plus_index(tmp_path) -> None:
     rows = pbe.batch.parse_rows([row("a.png"), row("b.png", seed=3), row("c.png")])
     assert [pbe.batch.row_seed(r, 10) for r in rows] == [10, 3, 12]
@@ -205,9 +226,9 @@ def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch) -> None:
     from pbe.cli import _batch_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert [_batch_device(None, 3), _batch_device("cuda", 3), _batch_device("cuda:0", 3)] == ["cuda:3"] * 2 + ["cuda:0"]
+    assert [_batch_device(device, 3) for device in ("auto", "cuda", "cuda:0")] == ["cuda:3", "cuda:3", "cuda:0"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _batch_device(None, 3) == "cpu"
+    assert [_batch_device("auto", 3), _batch_device("cpu", 3)] == ["auto", "cpu"]  # auto: resolved as pbe paint does
 
 
 # ---- painting ------------------------------------------------------------------------------------------------------

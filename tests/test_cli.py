@@ -116,7 +116,8 @@ def test_paint_writes_the_image_prints_how_to_repeat_and_a_progress_bar(tmp_path
     # --device auto and --dtype auto (the defaults) are named by their concrete choice here: cpu, and its fast dtype.
     dtype = next(name for name, dtype in pbe.cli.DTYPES.items() if dtype == pbe.devices.default_dtype("cpu"))
     expected = {"--seed": "1234", "--steps": "2", "--guidance": "5.0", "--scheduler": "pndm", "--dtype": dtype,
-                "--device": "cpu", "--num-images": "1", "--checkpoint": str(hub)}
+                "--device": "cpu", "--num-images": "1", "--checkpoint": str(hub), "--hd-strategy": "crop",
+                "--resolution": "512", "--hd-trigger": "800", "--hd-margin": "128"}
     assert {flag: flag_value(repeat, flag) for flag in expected} == expected
     assert f"device cpu (auto), dtype {dtype} (auto: the fast precision on cpu)" in proc.stderr
     assert "denoising" in proc.stderr and "100%" in proc.stderr  # tqdm's bar, on stderr
@@ -207,7 +208,15 @@ def test_the_printed_command_repeats_a_run_with_a_fresh_seed(tmp_path, hub, inpu
 @pytest.mark.parametrize(
     ("extra", "status", "message"),
     [
-        (["--steps", "0"], 2, "--steps: expected a positive integer"),
+        (["--steps", "0"], 2, "--steps: expected an integer from 1 to the scheduler's 1000 training steps"),
+        (["--steps", "100000"], 2, "(num_train_timesteps), got 100000"),
+        (["--resolution", "500"], 2, "--resolution: expected a positive multiple of 8, got 500"),
+        (["--hd-trigger", "0"], 2, "--hd-trigger: expected a positive number of pixels"),
+        (["--hd-margin", "-1"], 2, "--hd-margin: expected a number of pixels >= 0"),
+        (["-o", ("image",)], 2, "would overwrite the input"),
+        (["-o", ("example",)], 2, "(--example); choose another output name"),
+        (["-o", ("tmp", "missing", "out.png")], 2, "missing does not exist; create it first"),
+        (["-o", ("/proc", "out.png")], 2, "-o: cannot write in the folder /proc"),
         (["--num-images", "0"], 2, "--num-images: expected a positive integer"),
         (["--guidance", "nan"], 2, "--guidance: expected a finite number"),
         (["--seed", "-1"], 2, "--seed: expected an integer"),
@@ -222,14 +231,38 @@ def test_the_printed_command_repeats_a_run_with_a_fresh_seed(tmp_path, hub, inpu
 )
 def test_bad_arguments_are_one_error_line(tmp_path, hub, inputs, capsys, extra, status, message) -> None:
     (tmp_path / "not-an-image.png").write_text("not a PNG")
-    # A path is written (folder, *parts): "tmp" is this test's folder, another name one of the input files.
-    extra = [arg if isinstance(arg, str) else str((tmp_path if arg[0] == "tmp" else inputs[arg[0]]).joinpath(*arg[1:]))
+    # A path is written (folder, *parts): "tmp" is this test's folder, "/proc" that one, another name an input file.
+    folders = {"tmp": tmp_path, "/proc": Path("/proc"), **inputs}  # /proc takes no new file, even from root
+    extra = [arg if isinstance(arg, str) else str(folders[arg[0]].joinpath(*arg[1:]))
              for arg in extra]  # argparse: the last one wins
     assert main(paint_args(inputs, tmp_path / "out.png", hub, *extra)) == status
     err = capsys.readouterr().err
     assert_one_error_line(err)
     assert message in err
     assert folder_files(tmp_path) == {"not-an-image.png"}
+
+
+@pytest.mark.parametrize("extra", [["--steps", "100000"], ["--num-images", "2"], ["--hd-margin", "-5"]])
+def test_refusals_come_before_the_model_loads(tmp_path, inputs, capsys, loads, extra) -> None:
+    """With --num-images 2 the outputs are OUT-0.png and OUT-1.png: OUT-1.png is the image here, refused too."""
+    shutil.copy(inputs["image"], tmp_path / "out-1.png")
+    mine = {**inputs, "image": tmp_path / "out-1.png"}
+    # A checkpoint that does not exist: had anything loaded, the error would be about it, not the argument.
+    assert main(paint_args(mine, tmp_path / "out.png", tmp_path / "no-checkpoint", *extra)) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert extra[0] in err or "would overwrite the input" in err
+    assert loads == [] and folder_files(tmp_path) == {"out-1.png"}
+
+
+def test_an_empty_mask_warns_alpha_included(tmp_path, hub, inputs, capsys) -> None:
+    """A mask whose strokes are white but fully transparent repaints nothing (transparent = keep): warned."""
+    with Image.open(inputs["mask"]) as mask:
+        transparent = mask.convert("RGBA")
+    transparent.putalpha(0)
+    transparent.save(tmp_path / "transparent.png")
+    assert main(paint_args({**inputs, "mask": tmp_path / "transparent.png"}, tmp_path / "out.png", hub)) == 0
+    assert "transparent.png has no opaque white pixels: nothing will be repainted" in capsys.readouterr().err
 
 
 def test_cuda_without_cuda(tmp_path, hub, inputs, capsys, monkeypatch) -> None:
@@ -304,5 +337,5 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(Image.Image, "save", half_write)
     out = tmp_path / "out.png"
     with pytest.raises(OSError, match="No space left"):
-        pbe.cli._save_atomically(Image.new("RGB", (8, 8)), out)
+        pbe.batch.save_image(Image.new("RGB", (8, 8)), out)
     assert folder_files(tmp_path) == set()

@@ -143,6 +143,14 @@ def test_denoising_loop_and_only_it_reuses_freed_memory(pipe, monkeypatch) -> No
         ({"keep_unmasked": True, "output_type": "latent"}, "keep_unmasked"),
         ({"mask_blur": -1.0}, "mask_blur: expected a radius >= 0"),
         ({"latents": torch.zeros(1, 4, 3, 3)}, r"latents: expected shape \[1, 4, 5, 6\]"),
+        ({"num_inference_steps": 1001},
+         "num_inference_steps: expected an integer from 1 to num_train_timesteps = 1000, got 1001"),
+        ({"hd_strategy": "tile"}, "hd_strategy: expected one of crop, resize, original, got 'tile'"),
+        ({"resolution": 500}, "resolution: expected a positive multiple of 8"),
+        ({"hd_trigger": 0}, "hd_trigger: expected a positive integer"),
+        ({"hd_margin": -1}, "hd_margin: expected an integer >= 0"),
+        ({"hd_trigger": 32, "output_type": "latent"}, "output_type='latent': a 40x48 picture with hd_strategy='crop'"),
+        ({"hd_trigger": 32, "latents": torch.zeros(1, 4, 5, 6)}, "latents: a 40x48 picture .* hd_strategy='original'"),
     ],
 )
 def test_bad_arguments_name_themselves(pipe, kwargs, message) -> None:
@@ -347,3 +355,90 @@ def test_half_precision_without_cpu_instructions_warns_once_at_the_callers_line(
         warnings.simplefilter("error")
         pipe.to(torch.float32)  # native everywhere: no warning
         pipe.to(torch.float16)  # already said once in this process
+
+
+# ---- large pictures --------------------------------------------------------------------------------------------------
+
+
+def _far_from(repaint: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels whose (2 radius + 1)-square window holds no repaint pixel: those the paste keeps bit for bit."""
+    near = torch.nn.functional.max_pool2d(torch.from_numpy(repaint).float()[None, None], 2 * radius + 1, stride=1,
+                                          padding=radius)
+    return near[0, 0].numpy() == 0
+
+
+@pytest.mark.parametrize("strategy", ["crop", "resize"])
+def test_a_large_photo_with_a_small_mask_keeps_its_size_and_every_pixel_away_from_the_mask(pipe, strategy) -> None:
+    """A 3000x2000 photo with a 300x300 mask runs in seconds (one 512-pixel run), has the input's size, and every
+    pixel farther from the mask than the feather radius is the input's, bit for bit; the masked part is painted."""
+    height, width = 2000, 3000
+    photo = np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    repaint = np.zeros((height, width), bool)
+    repaint[1200:1500, 2100:2400] = True
+    blur = 2.0  # feather radius ceil(3 * 2) = 6 pixels
+    out = _paint(pipe, PIL.Image.fromarray(photo), PIL.Image.fromarray(repaint), hd_strategy=strategy,
+                 keep_unmasked=True, mask_blur=blur)[0]
+    assert out.size == (width, height)
+    painted = np.asarray(out)
+    far = _far_from(repaint, 6)
+    np.testing.assert_array_equal(painted[far], photo[far])
+    assert (painted[repaint] != photo[repaint]).mean() > 0.5
+
+
+def test_large_float_pictures_keep_the_input_bit_for_bit_outside_the_mask(pipe) -> None:
+    """Tensor input, tensor output: outside the mask the output is exactly the input mapped to [0, 1] (x / 2 + 0.5),
+    for every image of a batch and every image per prompt."""
+    images = torch.rand(2, 3, 120, 100, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    repaint = torch.zeros(2, 1, 120, 100)
+    repaint[0, :, 10:30, 10:30] = 1
+    repaint[1, :, 80:110, 60:90] = 1
+    out = _paint(pipe, images, repaint, hd_trigger=64, hd_margin=8, resolution=32, num_images_per_prompt=2,
+                 output_type="pt")
+    assert out.shape == (4, 3, 120, 100)
+    expected = (images / 2 + 0.5).repeat(2, 1, 1, 1)
+    keep = (repaint == 0).repeat(2, 1, 1, 1).expand_as(out)
+    assert torch.equal(out[keep], expected[keep])
+    assert not torch.equal(out[~keep], expected[~keep])
+
+
+def test_below_the_trigger_every_strategy_is_the_whole_picture_at_its_own_size(pipe) -> None:
+    image, mask = _picture(40, 48, 1), _mask(40, 48)
+    whole = _paint(pipe, image, mask, hd_strategy="original", output_type="np")
+    for strategy in ("crop", "resize"):
+        np.testing.assert_array_equal(_paint(pipe, image, mask, hd_strategy=strategy, output_type="np"), whole)
+    # Above it, crop paints at another scale: a different result, same size.
+    cropped = _paint(pipe, image, mask, hd_trigger=32, resolution=24, hd_margin=4, output_type="np")
+    assert cropped.shape == whole.shape and not np.array_equal(cropped, whole)
+
+
+def test_crops_draw_their_noise_per_item_in_plan_order(pipe) -> None:
+    """Two mask regions far apart are two items; each is painted with the draws of its own run, in plan order:
+    the second region of a two-region picture differs from the same region painted alone (its draws come later)."""
+    image = _picture(96, 96, 4)
+    both = np.zeros((96, 96), np.uint8)
+    both[8:24, 8:24] = 255
+    both[70:86, 70:86] = 255
+    first_only = both.copy()
+    first_only[70:86, 70:86] = 0
+    kwargs = {"hd_trigger": 64, "hd_margin": 8, "resolution": 32, "output_type": "np"}
+    two = _paint(pipe, image, PIL.Image.fromarray(both), **kwargs)
+    one = _paint(pipe, image, PIL.Image.fromarray(first_only), **kwargs)
+    np.testing.assert_array_equal(two[0, :48, :48], one[0, :48, :48])  # the first item: the same draws
+    assert not np.array_equal(two[0, 70:86, 70:86], one[0, 70:86, 70:86])
+
+
+# ---- NaN and inf stop the loop where they appear ---------------------------------------------------------------------
+
+
+def test_a_huge_guidance_scale_stops_at_the_step_where_the_latents_overflow(pipe) -> None:
+    with pytest.raises(RuntimeError, match=r"NaN or inf after denoising step [12] of 3 \(timestep \d+\); "
+                                           r".*guidance_scale too large \(got 1e\+30"):
+        _paint(pipe, _picture(40, 48, 1), _mask(40, 48), guidance_scale=1e30)
+
+
+def test_a_nan_weight_stops_at_the_first_step_and_names_the_weights() -> None:
+    poisoned = PaintByExample.from_pretrained(HUB)
+    next(poisoned.unet.parameters()).data.view(-1)[0] = float("nan")
+    with pytest.raises(RuntimeError,
+                       match=r"after denoising step 1 of 3 \(timestep 501\); look at the weights \(a corrupt"):
+        _paint(poisoned, _picture(40, 48, 1), _mask(40, 48))
