@@ -18,6 +18,8 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -173,11 +175,29 @@ def original_safetensors(tmp_path_factory) -> Path:
 def load_script(name: str) -> ModuleType:
     """``scripts/{name}.py`` as a module, loaded once: the fixture scripts define how the references were made."""
     path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(f"pbe_script_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module whose tests also run subprocesses: the tiny networks gain nothing from threads,
+    subprocess results must match in-process ones (thread count changes float rounding), and on a small shared
+    machine test runs side by side stall each other's thread pools. Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory) -> Path:
+    """A private copy of the hub-layout stand-in (the shared fixture may be regenerated while tests run)."""
+    return Path(shutil.copytree(HUB, tmp_path_factory.mktemp("checkpoint") / "hub"))
 
 
 def reference_pipeline(*, device: torch.device, dtype: torch.dtype):  # noqa: ANN201 (diffusers is imported lazily)

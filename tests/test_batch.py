@@ -32,19 +32,8 @@ WIDTH, HEIGHT = 32, 24
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread in-process, as in the subprocesses (see the module docstring); restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory) -> Path:
-    """A private copy of the hub-layout stand-in (the shared fixture may be regenerated while tests run)."""
-    return Path(shutil.copytree(HUB, tmp_path_factory.mktemp("checkpoint") / "hub"))
 
 
 @pytest.fixture(scope="module")

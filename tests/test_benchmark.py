@@ -6,7 +6,6 @@ that a wrong answer cannot pass.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,19 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+from conftest import load_script
 
-
-def _load_script():
-    name = "pbe_benchmark_script"
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark = _load_script()
+benchmark = load_script("benchmark")
 
 
 @pytest.fixture(scope="module")
@@ -103,17 +92,9 @@ def test_parity_check_rejects_other_weights_shapes_and_nan() -> None:
     assert not benchmark.check_parity("unet", "fp32", np.full((2,), np.nan), np.ones(2))["passed"]
 
 
-def _load_profile_script():
-    name = "pbe_profile_unet_script"
-    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / "profile_unet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_profile_script_breaks_both_unet_calls_into_categories(cache: Path, capsys) -> None:
     assert benchmark.main(["--tiny", "--build-only", "--cache", str(cache)]) == 0
-    profile = _load_profile_script()
+    profile = load_script("profile_unet")
     assert profile.main(["--tiny", "--cache", str(cache), "--repeats", "1", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("one guided UNet call")) + 2
@@ -127,4 +108,4 @@ def test_profile_script_breaks_both_unet_calls_into_categories(cache: Path, caps
 
 def test_profile_script_says_how_to_build_a_missing_stand_in(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="build it first with scripts/benchmark.py --build-only --tiny"):
-        _load_profile_script().main(["--tiny", "--cache", str(tmp_path)])
+        load_script("profile_unet").main(["--tiny", "--cache", str(tmp_path)])

@@ -29,20 +29,8 @@ WIDTH, HEIGHT = 48, 40
 CONSOLE_SCRIPT = shutil.which("pbe", path=str(Path(sys.executable).parent))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny networks gain nothing from threads, and on a small shared machine test runs side by side stall each
-    other's thread pools (tenfold slowdowns); the setting is restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory) -> Path:
-    """A private copy of the hub-layout stand-in (the shared fixture may be regenerated while tests run)."""
-    return Path(shutil.copytree(HUB, tmp_path_factory.mktemp("checkpoint") / "hub"))
 
 
 @pytest.fixture(scope="module")

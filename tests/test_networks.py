@@ -242,3 +242,28 @@ def test_parameters_are_frozen_and_in_eval_mode() -> None:
     for net in (nets.unet, nets.vae, nets.image_encoder):
         assert not net.training
         assert not any(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_autoencoder_keeps_one_memory_layout_throughout(dtype: torch.dtype) -> None:
+    """float32 runs in diffusers' contiguous layout everywhere (so its conv kernels and bits), reduced precision
+    channels-last everywhere (oneDNN's fast layout). A single layer that hands on the other layout (an attention output
+    whose strides read as channels-last) switches every later convolution's kernel: 1.7e-5 off diffusers at 512x512."""
+    vae = pbe.load(HUB, dtype=dtype).vae
+    layout = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
+    wrong: list[str] = []
+
+    def check(name: str) -> Callable:
+        def hook(module, inputs, output) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4 and min(output.shape[1:]) > 1:
+                if not output.is_contiguous(memory_format=layout):
+                    wrong.append(f"{name}: strides {output.stride()}")
+        return hook
+
+    for name, module in vae.named_modules():
+        if name:
+            module.register_forward_hook(check(name))
+    with torch.no_grad():
+        vae.decode(torch.randn(1, vae.config.latent_channels, 8, 8, dtype=dtype))
+        vae.encode(torch.randn(1, 3, 64, 64, dtype=dtype))
+    assert not wrong, wrong

@@ -23,22 +23,16 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from conftest import load_script  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
-def _load_script() -> ModuleType:
-    path = ROOT / "scripts" / "make_reference_tensors.py"
-    spec = importlib.util.spec_from_file_location("make_reference_tensors", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    return _load_script()
+    return load_script("make_reference_tensors")
 
 
 @pytest.fixture(scope="module", autouse=True)

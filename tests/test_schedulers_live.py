@@ -21,6 +21,8 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from conftest import load_script  # noqa: E402
+
 from pbe.schedulers import OFFICIAL_CONFIG, SCHEDULERS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,18 +31,10 @@ FIXTURE = ROOT / "tests" / "fixtures" / "scheduler_reference.safetensors"
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_scheduler_references",
-                                                  ROOT / "scripts" / "make_scheduler_references.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    return _load_script()
+    return load_script("make_scheduler_references")
 
 
 def test_scheduler_fixture_is_what_diffusers_computes(script: ModuleType) -> None:

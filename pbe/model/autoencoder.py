@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import AutoencoderConfig
-from .layers import Attention, Downsample, GroupNorm, GroupNormSiLU, ResBlock, Upsample
+from .layers import Attention, Downsample, GroupNorm, GroupNormSiLU, ResBlock, Upsample, tokens_to_map
 from .noise import randn
 
 
@@ -55,8 +55,7 @@ class SelfAttention2d(Attention):
         # Normalising the flattened (B, C, H*W) view, as diffusers does, keeps its memory layout and so its GroupNorm
         # kernel (bit-identical results for channels-last inputs).
         tokens = rearrange(self.norm(rearrange(x, "b c h w -> b c (h w)")), "b c n -> b n c")
-        out = rearrange(super().forward(tokens), "b (h w) c -> b c h w", h=x.shape[2])
-        return out + x  # this order keeps diffusers' memory layout (and so its conv kernels) for the next block
+        return tokens_to_map(super().forward(tokens), like=x) + x
 
 
 class MidBlock(nn.Module):

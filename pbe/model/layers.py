@@ -5,7 +5,8 @@ Residual blocks: He et al. (arXiv 1512.03385), in the GroupNorm-SiLU-conv form o
 Group normalisation: Wu and He (arXiv 1803.08494).
 
 Exact fast paths defined here, each in one place with its proof: ``norm_affine`` (float32 norm weights on the CPU),
-``GroupNormSiLU`` (SiLU in place), ``add_into`` (residual adds into a fresh buffer).
+``GroupNormSiLU`` (SiLU in place), ``add_into`` (residual adds into a fresh buffer), ``tokens_to_map`` (attention
+outputs keep their input's memory layout).
 """
 
 from __future__ import annotations
@@ -95,6 +96,17 @@ class Attention(nn.Module):
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def tokens_to_map(tokens: torch.Tensor, *, like: torch.Tensor) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W), stored in the memory layout of ``like`` (the feature map the tokens came from).
+
+    Exact fast path: a layout moves values, it changes none. Keeping the input's layout makes the residual add and the
+    next convolution run the kernels they would run without the attention (diffusers' kernels for a contiguous
+    input), and costs no copy for a channels-last one.
+    """
+    layout = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return rearrange(tokens, "b (h w) c -> b c h w", h=like.shape[2]).contiguous(memory_format=layout)
 
 
 class MLP(nn.Module):

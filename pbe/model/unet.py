@@ -9,7 +9,8 @@ Data flow: conv_in -> down levels (res blocks, transformers, downsample) -> mid 
 
 Exact fast paths defined here, each in one place with its proof: ``fan_out`` (classifier-free guidance shares the
 layers before the first cross-attention), ``CrossAttention.one_token`` (softmax over one key is 1),
-``GEGLU.halves`` (two products instead of one split), ``tokens_to_map`` (the transformer keeps its input's layout).
+``GEGLU.halves`` (two products instead of one split); the transformer's output keeps its input's layout
+(``layers.tokens_to_map``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from einops import rearrange
 from torch import nn
 
 from .config import UNetConfig
-from .layers import Attention, Downsample, GroupNorm, GroupNormSiLU, LayerNorm, ResBlock, Upsample, timestep_embedding
+from .layers import (Attention, Downsample, GroupNorm, GroupNormSiLU, LayerNorm, ResBlock, Upsample, timestep_embedding,
+                     tokens_to_map)
 
 
 def fan_out(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -32,17 +34,6 @@ def fan_out(x: torch.Tensor, batch: int) -> torch.Tensor:
     and the time embedding and the skips taken before that point where they meet the fanned-out map.
     """
     return x if x.shape[0] == batch else x.repeat(batch // x.shape[0], *[1] * (x.dim() - 1))
-
-
-def tokens_to_map(tokens: torch.Tensor, *, like: torch.Tensor) -> torch.Tensor:
-    """(B, H*W, C) -> (B, C, H, W), stored in the memory layout of ``like`` (the feature map the tokens came from).
-
-    Exact fast path: a layout moves values, it changes none. Keeping the input's layout makes the residual add and the
-    next convolution run the kernels they would run without the transformer (diffusers' kernels for a contiguous
-    input), and costs no copy for a channels-last one.
-    """
-    layout = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    return rearrange(tokens, "b (h w) c -> b c h w", h=like.shape[2]).contiguous(memory_format=layout)
 
 
 class GEGLU(nn.Module):

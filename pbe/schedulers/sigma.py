@@ -177,8 +177,6 @@ class EulerAncestralRun(SigmaRun):
         return prev_sample.to(model_output.dtype)
 
 
-
-
 class EulerAncestralScheduler(_SigmaScheduler):
     """Euler ancestral: a deterministic Euler step to sigma_down, then fresh noise up to sigma_{i+1}."""
 
