@@ -98,18 +98,24 @@ class DPMSolverRun(MultistepRun):
         return prev_sample.to(model_output.dtype)
 
 
+# The defaults diffusers' two multistep solvers share: order 2, epsilon prediction, (unimplemented) thresholding off.
+_SOLVER_DEFAULTS = {
+    **_SCHEDULE_DEFAULTS,
+    "solver_order": 2,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+}
+
+
 class DPMSolverMultistepScheduler(_MultistepScheduler):
     """DPM-Solver++(2M): second-order multistep in lambda, first order at the first and last steps."""
 
     name = "dpmpp-2m"
     diffusers_name = "DPMSolverMultistepScheduler"
     DEFAULTS = {
-        **_SCHEDULE_DEFAULTS,
-        "solver_order": 2,
-        "prediction_type": "epsilon",
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
+        **_SOLVER_DEFAULTS,
         "algorithm_type": "dpmsolver++",
         "solver_type": "midpoint",
         "lower_order_final": True,
@@ -203,12 +209,7 @@ class UniPCMultistepScheduler(_MultistepScheduler):
     name = "unipc"
     diffusers_name = "UniPCMultistepScheduler"
     DEFAULTS = {
-        **_SCHEDULE_DEFAULTS,
-        "solver_order": 2,
-        "prediction_type": "epsilon",
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
+        **_SOLVER_DEFAULTS,
         "predict_x0": True,
         "solver_type": "bh2",
         "lower_order_final": True,
