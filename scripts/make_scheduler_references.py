@@ -172,15 +172,10 @@ def pipeline_references(sources: dict[str, Any]) -> tuple[dict[str, torch.Tensor
     """diffusers' PaintByExamplePipeline on the tiny components of tests/fixtures/hub, its scheduler swapped the documented way
     (`pipe.scheduler = Cls.from_config(pndm.config)`, pndm from the hub's scheduler_config.json), each sampler with
     and without guidance at a non-square size: images (output_type "np") and latents."""
-    import importlib.util
-
     from PIL import Image
 
     # The tiny stand-in components and diffusers' pipeline on them, as the main fixture script builds them.
-    spec = importlib.util.spec_from_file_location("make_reference_tensors", ROOT / "scripts" / "make_reference_tensors.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _main_fixture_script()
     pipe = script.reference_pipeline(script.build_components())
     height, width = PIPELINE_SIZE
     mask = np.zeros((height, width), dtype=np.uint8)
@@ -204,12 +199,25 @@ def pipeline_references(sources: dict[str, Any]) -> tuple[dict[str, torch.Tensor
     return tensors, cases
 
 
+def _main_fixture_script():  # noqa: ANN202 (a module loaded from a path)
+    """scripts/make_reference_tensors.py as a module: the tiny components, the reference pipeline, the CPU signature."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_reference_tensors", ROOT / "scripts" / "make_reference_tensors.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def main() -> None:
     torch.set_num_threads(1)
     tensors, meta = scheduler_references()
     pipeline_tensors, meta["pipeline_cases"] = pipeline_references(source_schedulers())
     tensors |= pipeline_tensors
-    save_file(tensors, OUTPUT, metadata={"settings": json.dumps(meta)})
+    # "machine": the CPU they were computed on; tests compare exactly on that CPU only (transcendental functions such
+    # as sin and exp may round differently by an ulp in other CPUs' vector code).
+    save_file(tensors, OUTPUT, metadata={"settings": json.dumps(meta), "machine": _main_fixture_script().machine_signature()})
     print(f"wrote {OUTPUT} ({OUTPUT.stat().st_size / 1e6:.2f} MB, {len(tensors)} tensors)")
 
 

@@ -171,6 +171,24 @@ def original_safetensors(tmp_path_factory) -> Path:
     return path
 
 
+# Two CPUs compute the same float32 network differently: AVX2, AVX-512 and AMX kernels block and vectorise their
+# K-term dot products (K up to 2880 here) in different orders, with or without fused multiply-adds. Reordering a sum
+# moves it by up to ~sqrt(K) ulps of its terms' scale (~54 for K = 2880), and a pipeline chains a few UNet calls and a
+# decoder. Measured between the three CPUs we have met (AMD EPYC AVX-512-BF16, AMD EPYC Zen 3 AVX2-only, Intel Xeon
+# with AMX): up to 14 ulps of the tensor's largest value for one network call, 58 ulps for 3-step pipeline images.
+# 2^-16 relative (128 ulps) is twice the worst of those and still ~1000x below what a real change does (a wrong
+# timestep, a reordered random draw or a different weight moves outputs by 1e-2 or more).
+CROSS_MACHINE_FLOAT32 = 2.0**-16
+
+
+def made_on_this_machine(fixture: Path) -> bool:
+    """Whether a reference file's "machine" metadata (written by the fixture scripts) names this CPU."""
+    from safetensors import safe_open
+
+    with safe_open(fixture, framework="pt") as f:
+        return (f.metadata() or {}).get("machine") == load_script("make_reference_tensors").machine_signature()
+
+
 @functools.cache
 def load_script(name: str) -> ModuleType:
     """``scripts/{name}.py`` as a module, loaded once: the fixture scripts define how the references were made."""

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import load_script  # noqa: E402
+from conftest import CROSS_MACHINE_FLOAT32, load_script, made_on_this_machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -47,24 +47,11 @@ def components(script: ModuleType) -> dict[str, torch.nn.Module]:
     return script.build_components()
 
 
-# Two CPUs compute the same float32 network differently: AVX2, AVX-512 and AMX kernels block and vectorise their
-# K-term dot products (K up to 2880 here) in different orders, with or without fused multiply-adds. Reordering a sum
-# moves it by up to ~sqrt(K) ulps of its terms' scale (~54 for K = 2880), and a pipeline chains a few UNet calls and a
-# decoder. Measured between the three CPUs we have met (AMD EPYC AVX-512-BF16, AMD EPYC Zen 3 AVX2-only, Intel Xeon
-# with AMX): up to 14 ulps of the tensor's largest value for one network call, 58 ulps for 3-step pipeline images.
-# 2^-16 relative (128 ulps) is twice the worst of those and still ~1000x below what a real change does (a wrong
-# timestep, a reordered random draw or a different weight moves outputs by 1e-2 or more).
-CROSS_MACHINE_FLOAT32 = 2.0**-16
 # The *_bf16 fixtures are the reference networks run in bfloat16: the yardstick of how far bfloat16 strays from
 # float32 on these networks, which pbe's bf16 tolerance is scaled by. Across CPUs the bf16 kernels round differently
 # (AMX accumulates in other blocks than AVX-512-BF16), so the bf16 tensors themselves move by a few bf16 ulps; what
 # must carry over is the yardstick. Measured: the committed and live bf16 errors differ by a factor 0.75-1.33.
 CROSS_MACHINE_BF16_YARDSTICK = 2.0
-
-
-def _same_machine(path: Path, script: ModuleType) -> bool:
-    with safe_open(path, framework="pt") as f:
-        return (f.metadata() or {}).get("machine") == script.machine_signature()
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,7 +83,7 @@ def _assert_close_to_live(committed: dict[str, torch.Tensor], live: dict[str, to
 def test_reference_tensors_match_live_recomputation(script: ModuleType, components: dict) -> None:
     path = FIXTURES / "reference.safetensors"
     _assert_close_to_live(load_file(path), script.reference_tensors(components),
-                          same_machine=_same_machine(path, script))
+                          same_machine=made_on_this_machine(path))
 
 
 @pytest.mark.parametrize("folder", ["hub", "hub_small"])
@@ -132,7 +119,7 @@ def test_pipeline_references_match_live_recomputation(script: ModuleType, compon
         committed_cases = json.loads(f.metadata()["cases"])
     live, cases = script.pipeline_references(components)
     assert committed_cases == json.loads(script.cases_json(cases))
-    _assert_close_to_live(load_file(path), live, same_machine=_same_machine(path, script))
+    _assert_close_to_live(load_file(path), live, same_machine=made_on_this_machine(path))
 
 
 @pytest.mark.parametrize("same_machine", [True, False], ids=["same-cpu", "other-cpu"])

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import load_script  # noqa: E402
+from conftest import CROSS_MACHINE_FLOAT32, load_script, made_on_this_machine, relative_error  # noqa: E402
 
 from pbe.schedulers import OFFICIAL_CONFIG, SCHEDULERS  # noqa: E402
 
@@ -41,12 +41,19 @@ def test_scheduler_fixture_is_what_diffusers_computes(script: ModuleType) -> Non
     committed = load_file(FIXTURE)
     with safe_open(FIXTURE, "pt") as f:
         settings = json.loads(f.metadata()["settings"])
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the script
-    fresh, meta = script.scheduler_references()
+    try:
+        fresh, meta = script.scheduler_references()
+    finally:
+        torch.set_num_threads(threads)
     assert meta["cases"] == settings["cases"]
+    same_machine = made_on_this_machine(FIXTURE)
     for key, value in fresh.items():
-        # Scheduler arithmetic is elementwise (no reductions), so any CPU gives the same float32 numbers.
-        assert torch.equal(value, committed[key]), key
+        if same_machine:  # the same CPU, the same elementwise float32 arithmetic: the same bits
+            assert torch.equal(value, committed[key]), key
+        else:  # sin, exp and log may round by an ulp differently in another CPU's vector code, compounded over steps
+            assert relative_error(committed[key], value) <= CROSS_MACHINE_FLOAT32, key
 
 
 def test_configs_equal_diffusers(script: ModuleType) -> None:
