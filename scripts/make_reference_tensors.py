@@ -55,6 +55,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import os
 import pickle
 import platform
 import sys
@@ -768,7 +769,10 @@ def machine_signature() -> str:
     except OSError:  # not Linux: the model name alone
         pass
     features = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return " ".join([model, *features, f"torch-{torch.__version__}"])
+    # Variables that cap the instruction set PyTorch's and oneDNN's kernels use make another "machine" of this one.
+    caps = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+            if os.environ.get(name)]
+    return " ".join([model, *features, *caps, f"torch-{torch.__version__}"])
 
 
 def cases_json(cases: dict) -> str:

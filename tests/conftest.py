@@ -112,10 +112,10 @@ def rounding_bound(dtype: torch.dtype, *, device: torch.device) -> float:
     return ROUNDING_BOUND[dtype]
 
 
-def reference_bound(floor: float, reference_error: float) -> float:
-    """``floor``, or ``REFERENCE_MARGIN`` times how far diffusers' own run strays from the reference where that is
-    further (tiny random networks in half precision; another device's kernels)."""
-    return max(floor, REFERENCE_MARGIN * reference_error)
+def reference_bound(floor: float, reference_error: float, *, margin: float = REFERENCE_MARGIN) -> float:
+    """``floor``, or ``margin`` times how far diffusers' own run strays from the reference where that is further
+    (tiny random networks in half precision; another device's kernels)."""
+    return max(floor, margin * reference_error)
 
 
 def parity_tolerance(run_reference: Callable[[torch.device, torch.dtype], torch.Tensor], *, device: torch.device,

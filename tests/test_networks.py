@@ -31,6 +31,7 @@ from conftest import (
     HUB,
     HUB_SMALL,
     ORIGINAL_CKPT,
+    REFERENCE_MARGIN,
     ROUNDING_BOUND,
     ldm_base_config,
     reference_bound,
@@ -43,13 +44,13 @@ FOLDERS = {FOUR: HUB, SMALL: HUB_SMALL}
 
 
 def _check(ours: torch.Tensor, reference: dict, key: str, dtype: torch.dtype, what: object, *, device: torch.device,
-           yardstick: dict | None = None) -> None:
+           yardstick: dict | None = None, margin: float = REFERENCE_MARGIN) -> None:
     """``ours`` on ``device`` within ``rounding_bound`` of the float32 reference, or within ``REFERENCE_MARGIN`` times
     the reference's own error in ``dtype`` (``yardstick``: diffusers' outputs computed live in ``dtype`` on ``device``;
     else for bfloat16 the committed ``*_bf16`` fixtures)."""
     bound = rounding_bound(dtype, device=device)
     if yardstick is not None:
-        bound = reference_bound(bound, relative_error(yardstick[key], reference[key]))
+        bound = reference_bound(bound, relative_error(yardstick[key], reference[key]), margin=margin)
     elif dtype == torch.bfloat16:
         bound = reference_bound(bound, relative_error(reference[f"{key}_bf16"], reference[key]))
     assert ours.dtype == dtype and ours.device.type == device.type
@@ -212,17 +213,26 @@ def _diffusers_outputs(reference: dict, names: tuple, *, dtype: torch.dtype, dev
     return out
 
 
+# float16 carries 11 significant bits, so where the two libraries round at different points their errors against
+# float32 are of the same size but not the same values: pbe's autoencoder runs channels-last in reduced precision
+# (oneDNN's blocked kernels), diffusers' contiguous, and pbe's CPU norms round once from float32 statistics. Measured
+# pbe error / diffusers' error over every checked output: 0.87 to 1.44 on an Intel Xeon with AMX, up to 1.28 with
+# the kernels capped at AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2). A wrong weight, layout or op moves
+# these outputs by 1e-1 or more, far beyond 2x diffusers' own ~2e-3.
+FLOAT16_MARGIN = 2.0
+
+
 @torch.no_grad()
 def test_float16_matches_reference(reference, yardsticks, device) -> None:
-    """float16 (CPU kernels for half convolutions exist in torch >= 2.1) agrees with the float32 reference as closely
-    as diffusers' own networks in float16 on the same device do."""
+    """float16 (CPU kernels for half convolutions exist in torch >= 2.1) agrees with the float32 reference about as
+    closely as diffusers' own networks in float16 on the same device do (within FLOAT16_MARGIN of their error)."""
     dtype = torch.float16
     yardstick = yardsticks(FOUR, dtype)
     nets = pbe.load(HUB, dtype=dtype, device=device)
     at = lambda key: reference[key].to(device, dtype)  # noqa: E731
 
     def check(ours: torch.Tensor, key: str, what: object) -> None:
-        _check(ours, reference, key, dtype, what, device=device, yardstick=yardstick)
+        _check(ours, reference, key, dtype, what, device=device, yardstick=yardstick, margin=FLOAT16_MARGIN)
 
     for case in sorted({k.split(".")[1] for k in reference if k.startswith("unet4.")}):
         k = f"unet4.{case}"
