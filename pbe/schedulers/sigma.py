@@ -67,6 +67,10 @@ class SigmaRun(Run):
             return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
         return model_output  # "sample"
 
+    def _derivative(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """dx/dsigma of the probability-flow ODE (Karras et al. eq. 3): d = (x - x_0) / sigma."""
+        return (sample - self._pred_x0(model_output, sample, sigma)) / sigma
+
 
 class LMSRun(SigmaRun):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -79,7 +83,7 @@ class LMSRun(SigmaRun):
         polynomial that is 1 at sigma_{i-j} and 0 at the other history sigmas (the order grows 1, 2, 3, 4)."""
         sigma = self.sigmas[i]
         # Reference quirk: d = (x - x_0) / sigma (eps itself for epsilon prediction) the long way round, as diffusers.
-        derivative = (sample - self._pred_x0(model_output, sample, sigma)) / sigma
+        derivative = self._derivative(model_output, sample, sigma)
         self.derivatives = self.derivatives[-(LMS_ORDER - 1):] + [derivative]
         order = len(self.derivatives)
         nodes = [self.sigmas[i - k].item() for k in range(order)]
@@ -128,8 +132,7 @@ class EulerRun(SigmaRun):
         """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i,  d_i = (x_i - x_0) / sigma_i."""
         sample = sample.to(torch.float32)  # Reference quirk: the step runs in float32 whatever the sample's dtype
         sigma = self.sigmas[i]
-        derivative = (sample - self._pred_x0(model_output, sample, sigma)) / sigma
-        prev_sample = sample + derivative * (self.sigmas[i + 1] - sigma)
+        prev_sample = sample + self._derivative(model_output, sample, sigma) * (self.sigmas[i + 1] - sigma)
         return prev_sample.to(model_output.dtype)
 
 
@@ -168,11 +171,9 @@ class EulerAncestralRun(SigmaRun):
         one included, whose sigma_up is 0: diffusers draws it too)."""
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         sample = sample.to(torch.float32)  # Reference quirk: the step runs in float32 whatever the sample's dtype
-        pred_x0 = self._pred_x0(model_output, sample, sigma)
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-        derivative = (sample - pred_x0) / sigma
-        prev_sample = sample + derivative * (sigma_down - sigma)
+        prev_sample = sample + self._derivative(model_output, sample, sigma) * (sigma_down - sigma)
         prev_sample = prev_sample + noise_like(model_output, generator) * sigma_up
         return prev_sample.to(model_output.dtype)
 
