@@ -11,29 +11,18 @@ The newer samplers also run in bfloat16, against diffusers' pipeline run live in
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-
 from pbe import PaintByExample
 from pbe.schedulers import make_scheduler
 
-from conftest import FIXTURES, HUB, ROUNDING_BOUND, generation_error, load_script, reference_bound, reference_pipeline
+from conftest import HUB, ROUNDING_BOUND, CommittedReference, generation_error, load_script, reference_pipeline
 
-PIPELINE_REFERENCE = FIXTURES / "pipeline_reference.safetensors"
-
-
-def _load_reference() -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    with safe_open(str(PIPELINE_REFERENCE), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["cases"])
-
-
-REFERENCE, CASES = _load_reference()
+REFERENCE = CommittedReference("pipeline_reference")
+CASES = REFERENCE.settings("cases")
+METRIC = {"images": "absolute", "latents": "relative"}  # images in [0, 1]; latents relative to their scale
 
 
 @pytest.fixture(scope="module")
@@ -90,33 +79,29 @@ def _run_diffusers(pipe, case: str, settings: dict, output_type: str) -> torch.T
 def test_same_seed_same_image_as_diffusers(pipe, diffusers_pipe, case: str) -> None:
     settings = CASES[case]
     for output_type, key in (("np", "images"), ("latent", "latents")):
-        ours, ref = torch.as_tensor(_run(pipe, case, settings, output_type)).float(), REFERENCE[f"{case}.{key}"]
-        assert ours.shape == ref.shape
-        bound = 1e-4
-        if diffusers_pipe is not None:
-            bound = reference_bound(bound, generation_error(key, _run_diffusers(diffusers_pipe, case, settings,
-                                                                                output_type), ref))
-        assert generation_error(key, ours, ref) <= bound, (case, key, generation_error(key, ours, ref), bound)
+        ours = torch.as_tensor(_run(pipe, case, settings, output_type)).float()
+        yardstick = None if diffusers_pipe is None else _run_diffusers(diffusers_pipe, case, settings, output_type)
+        REFERENCE.assert_close(f"{case}.{key}", ours, bound=1e-4, metric=METRIC[key], yardstick=yardstick)
 
 
 @torch.no_grad()
 def test_pil_output_rounds_like_diffusers(pipe, diffusers_pipe) -> None:
     case = "pndm_guided"
     images = _run(pipe, case, CASES[case], "pil")
+    got = torch.as_tensor(np.stack([np.asarray(im) for im in images]))
+    if diffusers_pipe is None:
+        REFERENCE.assert_rounds_to(f"{case}.images", got)
+        return
     # On another device: diffusers' images made there, so that only the rounding is compared (how far the float32
     # images may stray from the CPU fixtures is test_same_seed_same_image_as_diffusers's bound).
-    ref_images = (REFERENCE[f"{case}.images"] if diffusers_pipe is None
-                  else _run_diffusers(diffusers_pipe, case, CASES[case], "np"))
-    expected = (ref_images.numpy() * 255).round().astype("uint8")
-    got = np.stack([np.asarray(im) for im in images])
+    expected = (_run_diffusers(diffusers_pipe, case, CASES[case], "np").numpy() * 255).round().astype("uint8")
     # 1e-4 in [0, 1] can move a value across a rounding boundary: at most one level, rarely.
-    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
-    assert (got != expected).mean() < 1e-3
+    assert np.abs(got.numpy().astype(int) - expected.astype(int)).max() <= 1
+    assert (got.numpy() != expected).mean() < 1e-3
 
 
-SAMPLERS = load_file(FIXTURES / "scheduler_reference.safetensors")
-with safe_open(str(FIXTURES / "scheduler_reference.safetensors"), framework="pt") as _f:
-    SAMPLER_CASES = json.loads(_f.metadata()["settings"])["pipeline_cases"]
+SAMPLERS = CommittedReference("scheduler_reference")
+SAMPLER_CASES = SAMPLERS.settings("settings")["pipeline_cases"]
 NEW_SAMPLERS = ("euler", "euler-ancestral", "dpmpp-2m", "dpmpp-2m-karras", "unipc")
 
 
@@ -175,4 +160,4 @@ def test_every_sampler_generates_on_a_device_that_is_not_the_cpu(sampler: str) -
     latents = pipe(example, image, mask, num_inference_steps=5, scheduler=sampler, eta=0.5, output_type="latent",
                    generator=torch.Generator().manual_seed(0), progress=False).images
     assert latents.device.type == "meta"
-    assert latents.shape == SAMPLERS["pipeline.lms.guided.latents"].shape  # the inputs' size in every case
+    assert latents.shape == SAMPLERS.shape("pipeline.lms.guided.latents")  # the inputs' size in every case

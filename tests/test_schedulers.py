@@ -17,11 +17,7 @@ import threading
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-
-from conftest import FIXTURES, HUB, generation_error, load_script, reference_bound, reference_pipeline, relative_error
-from conftest import rounding_bound
+from conftest import HUB, CommittedReference, load_script, reference_pipeline, rounding_bound
 from pbe.schedulers import (
     OFFICIAL_CONFIG,
     SCHEDULERS,
@@ -34,10 +30,8 @@ from pbe.schedulers import (
     make_scheduler,
 )
 
-REFERENCE_FILE = FIXTURES / "scheduler_reference.safetensors"
-REFERENCE = load_file(REFERENCE_FILE)
-with safe_open(REFERENCE_FILE, "pt") as _f:
-    SETTINGS = json.loads(_f.metadata()["settings"])
+REFERENCE = CommittedReference("scheduler_reference")
+SETTINGS = REFERENCE.settings("settings")
 CASES = SETTINGS["cases"]
 SOURCES = {"hub": OFFICIAL_CONFIG, "fixture": json.loads((HUB / "scheduler" / "scheduler_config.json").read_text())}
 
@@ -73,16 +67,14 @@ def run(sched: Scheduler, steps: int, *, eta: float = 0.0, seed: int = SETTINGS[
 def test_matches_diffusers_after_every_step(device, case: str, steps: int) -> None:
     sched = build(case)
     this = sched.start(steps)
-    assert this.timesteps.tolist() == REFERENCE[f"{case}.{steps}.timesteps"].tolist()
-    assert this.init_noise_sigma == pytest.approx(REFERENCE[f"{case}.{steps}.init_noise_sigma"].item(), rel=1e-7)
-    expected = REFERENCE[f"{case}.{steps}.latents"]
+    REFERENCE.assert_close(f"{case}.{steps}.timesteps", this.timesteps)
+    REFERENCE.assert_close(f"{case}.{steps}.init_noise_sigma", torch.tensor(this.init_noise_sigma, dtype=torch.float64))
     ours = run(sched, steps, eta=CASES[case]["eta"], device=device)
-    assert len(ours) == len(expected)
+    assert len(ours) == REFERENCE.shape(f"{case}.{steps}.latents")[0]
     bound = 1e-5 if device.type == "cpu" else rounding_bound(torch.float32, device=device)
-    for i, (x, ref) in enumerate(zip(ours, expected)):
+    for i, x in enumerate(ours):
         assert x.dtype == torch.float32 and x.device.type == device.type
-        err = relative_error(x, ref)
-        assert err <= bound, f"{case}, {steps} steps: step {i} is off by {err:.3g}"
+        REFERENCE.assert_close(f"{case}.{steps}.latents", x, bound=bound, index=i, what=f"after step {i}")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -258,20 +250,19 @@ def test_whole_pipeline_matches_diffusers(pipe, diffusers_pipe, case: str) -> No
     example, image, mask = (PIL.Image.fromarray(REFERENCE[f"pipeline.inputs.{k}"].numpy())
                             for k in ("example", "image", "mask"))
     generator = lambda: torch.Generator().manual_seed(settings["seed"])  # noqa: E731
-    for output_type, key, tolerance in (("np", "images", 1e-4), ("latent", "latents", 1e-4)):
+    for output_type, key, tolerance, metric in (("np", "images", 1e-4, "absolute"), ("latent", "latents", 1e-4,
+                                                                                      "relative")):
         result = pipe(example, image, mask, num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                       scheduler=make_scheduler(settings["scheduler"]), output_type=output_type, progress=False,
                       generator=generator()).images
-        ref = REFERENCE[f"{case}.{key}"]
-        result = torch.as_tensor(result)
-        assert result.shape == ref.shape
+        yardstick = None
         if diffusers_pipe is not None:
             script = load_script("make_scheduler_references")  # builds the sampler as the fixture runs did
             cls, named = script.CLASSES[settings["scheduler"]]
             diffusers_pipe.scheduler = cls.from_config(script.source_schedulers()["hub"].config, **named)
-            theirs = diffusers_pipe(image=image, mask_image=mask, example_image=example, output_type=output_type,
-                                    num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-                                    generator=generator()).images
-            tolerance = reference_bound(tolerance, generation_error(key, torch.as_tensor(theirs), ref))
-        err = generation_error(key, result, ref)
-        assert err <= tolerance, f"{case} {key}: off by {err:.3g}"
+            yardstick = torch.as_tensor(diffusers_pipe(
+                image=image, mask_image=mask, example_image=example, output_type=output_type,
+                num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                generator=generator()).images)
+        REFERENCE.assert_close(f"{case}.{key}", torch.as_tensor(result), bound=tolerance, metric=metric,
+                               yardstick=yardstick)
