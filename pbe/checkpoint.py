@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -62,13 +63,37 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     The tensors are views of one private (copy-on-write) memory map of the file, made by safetensors itself
     (measured with safetensors 0.8: every tensor's data lies in the file's mapping, and writing to one leaves the file
     unchanged). Nothing is read until a tensor is used, and nothing is copied: loading costs no time and no memory
-    beyond the pages touched. Raises ``CheckpointError`` naming the file for anything unreadable (truncated too).
+    beyond the pages touched. Raises ``CheckpointError`` naming the file for anything unreadable; a file shorter than
+    its header says (a download cut short) is called truncated, with both sizes.
     """
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        sizes = _safetensors_sizes(path)
+        if sizes is not None and sizes[0] != sizes[1]:
+            expected, actual = sizes
+            what, why = ("truncated", "a download cut short?") if actual < expected else ("corrupt", "extra bytes?")
+            raise CheckpointError(f"{path}: a {what} safetensors file: its header describes {expected:,} bytes, the "
+                                  f"file has {actual:,} ({why} fetch it again)") from None
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _safetensors_sizes(path: str | Path) -> tuple[int, int] | None:
+    """(size the header describes, actual size) of a safetensors file: 8 bytes of header length, the JSON header,
+    then the tensors' data, whose ``data_offsets`` [begin, end) count from the header's end. None if the header
+    itself cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            actual = os.fstat(f.fileno()).st_size
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len > actual:
+                return None
+            header = json.loads(f.read(header_len))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        return 8 + header_len + max(ends, default=0), actual
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
 
 
 def is_native(path: str | Path) -> bool:

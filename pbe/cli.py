@@ -7,8 +7,11 @@ overwrite an input, an output folder that is missing or cannot be written. They 
 they run on (``auto``, the default, resolved: see pbe.devices) and the command line that repeats the run (its seed,
 device and dtype included), then the progress bar. Outputs are written atomically (a temporary file in the same
 folder, then a rename): a failed run leaves nothing under the output name. Errors end with one ``error: ...`` line
-on stderr, never a traceback: exit status 2 for bad arguments (as argparse's own errors), 1 for everything else
-(missing or unreadable files, checkpoints, devices, NaN in the latents).
+on stderr, never a traceback, and ONE rule sets the exit status (written out in the README, "Exit statuses"): 2 for a
+usage error, refused before the model loads (``pbe.errors.UsageError``: bad argument values or combinations, a
+missing or unreadable input named by an argument, a device that does not exist here, a bad manifest, a mask whose
+size does not match the image; argparse's own errors too), 1 for a run that started and failed (unreadable checkpoint
+contents, out of memory, NaN in the latents, rows of ``pbe batch`` that failed), 130 for Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from weights_convert import command as convert_command
 from . import __version__, batch, devices, images, regions
 from .batch import OUTPUT_FORMATS, save_image
 from .checkpoint import DTYPES
-from .errors import COMMAND_ERRORS, error_line
-from .loading import DEFAULT_REPO
+from .errors import COMMAND_ERRORS, UsageError, error_line, exit_status
+from .loading import DEFAULT_REPO, looks_like_path, resolve_checkpoint
 from .pipeline import PaintByExample
 from .schedulers import SCHEDULERS, make_scheduler
 
@@ -40,10 +43,6 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 INPUT_FLAGS = ("image", "mask", "example")  # pbe paint's input files
-
-
-class UsageError(ValueError):
-    """An argument value argparse cannot check by itself (--steps 0, --guidance nan, ...): exit status 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,11 +139,11 @@ def _check_paint_options(args: argparse.Namespace) -> str:
     if device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {args.device}: expected auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is available here (PyTorch {torch.__version__})")
+        raise UsageError(f"--device {args.device}: no CUDA device is available here (PyTorch {torch.__version__})")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {args.device}: MPS is not available here")
+        raise UsageError(f"--device {args.device}: MPS is not available here")
     if args.dtype != "auto":
         try:
             devices.check_precision(device, DTYPES[args.dtype], refuse=True, way_out="use --dtype fp32 (or auto)")
@@ -213,11 +212,23 @@ def _repeat_command(args: argparse.Namespace, seed: int) -> str:
     return shlex.join(str(flag) for flag in flags)
 
 
+def _check_sources(args: argparse.Namespace) -> None:
+    """Refuse a ``--checkpoint`` that names a local path and a ``--config`` that are missing (usage errors), before
+    loading; what they hold is read by the loader (a bad content is a failed run, exit status 1)."""
+    if looks_like_path(args.checkpoint) and not Path(args.checkpoint).expanduser().exists():
+        try:
+            resolve_checkpoint(args.checkpoint)  # a missing path: refused at once, saying which part is missing
+        except ValueError as err:
+            raise UsageError(f"--checkpoint {err}") from None
+    if args.config is not None and not args.config.expanduser().exists():
+        raise UsageError(f"--config {args.config}: no such file or folder")
+
+
 def _load_image(flag: str, path: Path) -> Image:
     try:
         return images.load_image(path)
-    except OSError as err:
-        raise OSError(f"--{flag}: {err}") from None
+    except OSError as err:  # missing, a folder, or not a picture: the argument names a bad input
+        raise UsageError(f"--{flag}: {err}") from None
 
 
 def _output_paths(output: Path, count: int) -> list[Path]:
@@ -242,10 +253,11 @@ def _paint(args: argparse.Namespace) -> int:
     choice = _check_paint_arguments(args)
     inputs = {name: _load_image(name, getattr(args, name)) for name in INPUT_FLAGS}
     if inputs["image"].size != inputs["mask"].size:
-        raise ValueError(f"--mask is {'x'.join(map(str, inputs['mask'].size))} pixels but --image is "
+        raise UsageError(f"--mask is {'x'.join(map(str, inputs['mask'].size))} pixels but --image is "
                          f"{'x'.join(map(str, inputs['image'].size))}; they must be the same size")
     if not images.read_repaint_mask(inputs["mask"]).gt(0.5).any():  # as the pipeline reads it, alpha included
         print(f"warning: {args.mask} has no opaque white pixels: nothing will be repainted", file=sys.stderr)
+    _check_sources(args)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     print(choice, file=sys.stderr)
     print(f"to repeat this run: {_repeat_command(args, seed)}", file=sys.stderr)
@@ -300,7 +312,10 @@ def _batch(args: argparse.Namespace) -> int:
     ranks = batch.ranks_from_environment()
     args.device = _batch_device(args.device, ranks.local_rank)
     # Everything that can be refused is refused before the model loads, on every rank alike.
-    rows = batch.read_manifest(args.manifest)
+    try:
+        rows = batch.read_manifest(args.manifest)
+    except OSError as err:  # a manifest that is missing or cannot be read: the argument names a bad input
+        raise UsageError(str(err)) from None
     choice = _check_paint_options(args)
     _check_writable_folder("--output-dir", args.output_dir, create=True)
     batch.check_seeds(rows, args.seed)
@@ -309,13 +324,17 @@ def _batch(args: argparse.Namespace) -> int:
     mine = batch.rows_of_rank(rows, ranks)
     pending = batch.pending_rows(rows, args.output_dir, ranks=ranks, overwrite=args.overwrite)
     who = "" if ranks.world_size == 1 else f"rank {ranks.rank} of {ranks.world_size}: "
-    print(f"{who}{len(mine)} of {len(rows)} rows of {args.manifest}; {len(mine) - len(pending)} already painted "
-          f"(skipped), {len(pending)} to paint; {choice}", file=sys.stderr)
+    _say(f"{who}{len(mine)} of {len(rows)} rows of {args.manifest}; {len(mine) - len(pending)} already painted "
+         f"(skipped), {len(pending)} to paint; {choice}")
 
     def report(outcome: batch.RowOutcome) -> None:
-        if outcome.status == "failed":
-            tqdm.write(f"{who}{outcome.row.name} failed: {outcome.error}", file=sys.stderr)
+        if outcome.status == "failed" and ranks.world_size == 1:
+            tqdm.write(f"{who}{outcome.row.name} failed: {outcome.error}", file=sys.stderr)  # above the bar
+        elif outcome.status != "skipped" and ranks.world_size > 1:  # no bar: one line per row instead
+            _say(f"{who}{outcome.row.name} {outcome.status}" + (f": {outcome.error}" if outcome.error else ""))
 
+    if pending:
+        _check_sources(args)
     batch.join_ranks(ranks)
     if pending:
         pipe = _load_pipeline(args)
@@ -329,20 +348,26 @@ def _batch(args: argparse.Namespace) -> int:
     totals = batch.total_counts(counts, ranks)
 
     if ranks.world_size > 1:
-        print(f"{who}painted {counts['painted']}, skipped {counts['skipped']}, failed {counts['failed']}",
-              file=sys.stderr)
+        _say(f"{who}painted {counts['painted']}, skipped {counts['skipped']}, failed {counts['failed']}")
     if ranks.rank == 0:
-        print(f"painted {totals['painted']}, skipped {totals['skipped']}, failed {totals['failed']} "
-              f"(of {len(rows)} rows)", file=sys.stderr)
+        _say(f"painted {totals['painted']}, skipped {totals['skipped']}, failed {totals['failed']} "
+             f"(of {len(rows)} rows)")
     failed = [outcome for outcome in outcomes if outcome.status == "failed"]
     example = failed[0] if failed else outcomes[0] if outcomes and ranks.rank == 0 else None
     if example is not None:
         # On the CPU the thread count changes float rounding (reduction order): repeat with this process's count.
         threads = f"OMP_NUM_THREADS={torch.get_num_threads()} " if torch.device(args.device).type == "cpu" else ""
-        print(f"to repeat {example.row.name} alone: {threads}"
-              f"{_repeat_command(_row_as_paint(args, example.row, example.output), example.seed)}\n"
-              f"(row i is painted with its seed field, else with --seed + i = {args.seed} + i)", file=sys.stderr)
+        _say(f"to repeat {example.row.name} alone: {threads}"
+             f"{_repeat_command(_row_as_paint(args, example.row, example.output), example.seed)}\n"
+             f"(row i is painted with its seed field, else with --seed + i = {args.seed} + i)")
     return 1 if totals["failed"] else 0
+
+
+def _say(line: str) -> None:
+    """Print one whole line on stderr in ONE write: the ranks of a torchrun job share their stderr, and ``print``
+    writes the text and its newline separately, so another rank's line could land between the two."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         return _paint(args)
     except COMMAND_ERRORS as err:
         print(error_line(err), file=sys.stderr)
-        return 2 if isinstance(err, UsageError) else 1
+        return exit_status(err)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

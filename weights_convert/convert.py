@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pbe.checkpoint import config_from_json, meta_network
+from pbe.checkpoint import config_from_json, is_native, meta_network, read_native
 from pbe.errors import CheckpointError
 from pbe.model import PaintByExampleConfig
 
@@ -34,7 +34,7 @@ LDM_PREFIXES = {"unet": ("model.diffusion_model.",), "vae": ("first_stage_model.
 class Converted:
     config: PaintByExampleConfig
     state_dicts: dict[str, dict[str, torch.Tensor]]  # network name -> our state dict
-    layout: str  # "diffusers" or "ldm"
+    layout: str  # "diffusers", "ldm" or "pbe native"
     sources: dict[str, str] = field(default_factory=dict)  # network name -> file it came from
     ignored: dict[str, str] = field(default_factory=dict)  # source key -> why it was skipped
 
@@ -183,9 +183,21 @@ def convert_ldm_state_dict(source: dict[str, torch.Tensor], *, origin: str, base
     return result
 
 
+def convert_native(path: Path, *, base: PaintByExampleConfig | None = None,
+                   dtype: torch.dtype | None = None) -> Converted:
+    """A pbe native file, already in our names: its configs and tensors as they are (cast to ``dtype`` if given), so
+    that ``pbe convert`` can re-save it, e.g. in another dtype. ``base`` (if given) must equal its own config."""
+    config, state_dicts = read_native(path)
+    check_same_config(base, config, origin=str(path))
+    if dtype is not None:
+        state_dicts = {network: {k: t.to(dtype) if t.is_floating_point() else t for k, t in sd.items()}
+                       for network, sd in state_dicts.items()}
+    return Converted(config, state_dicts, "pbe native", sources=dict.fromkeys(state_dicts, str(path)))
+
+
 def convert(src: str | Path, *, base: PaintByExampleConfig | None = None, dtype: torch.dtype | None = None) -> Converted:
     """Either official layout -> our names. ``src``: a hub-layout folder, or an original-layout ``.ckpt`` or
-    ``.safetensors``.
+    ``.safetensors``; a pbe native ``.safetensors`` is taken as it is (``convert_native``).
 
     ``base``: the config of an original-layout checkpoint's networks (``read_config`` reads one from a file); needed
     unless its structure is the official one. A hub folder has its own, which ``base`` (if given) must equal.
@@ -195,6 +207,8 @@ def convert(src: str | Path, *, base: PaintByExampleConfig | None = None, dtype:
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
         return convert_hub_folder(path, dtype=dtype, base=base)
+    if is_native(path):
+        return convert_native(path, base=base, dtype=dtype)
     source = read_tensors(path)
     if any(k.startswith("model.diffusion_model.") for k in source):
         return convert_ldm_state_dict(source, origin=str(path), base=base, dtype=dtype)
