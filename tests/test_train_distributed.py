@@ -402,8 +402,13 @@ def test_a_checkpoint_of_another_model_is_refused_naming_it(tmp_path) -> None:
     model = nn.Linear(2, 2)
     save_training_state(checkpoint_folder(tmp_path, 1), model=model, optimizer=adamw(model), extra={})
     other = nn.Sequential(nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="step-000001' does not fit this model and optimizer"):
+    with pytest.raises(ValueError, match="step-000001' does not fit this model and optimizer: Missing key in "
+                                         "checkpoint state_dict: model.0.weight"):
         load_training_state(checkpoint_folder(tmp_path, 1), model=other, optimizer=adamw(other))
+    wider = nn.Linear(2, 3)
+    with pytest.raises(ValueError, match=r"does not fit .*: Size mismatch between saved torch.Size\(\[2, 2\]\) and "
+                                         r"current: torch.Size\(\[3, 2\]\) for model.weight"):
+        load_training_state(checkpoint_folder(tmp_path, 1), model=wider, optimizer=adamw(wider))
 
 
 if __name__ == "__main__":  # the worker of the subprocess tests

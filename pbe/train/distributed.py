@@ -398,9 +398,10 @@ def load_training_state(folder: str | os.PathLike[str], *, model: nn.Module,
     try:
         with _single_process_quietly():
             dcp.load(state, checkpoint_id=folder)
-    except dcp.api.CheckpointException as err:
-        first = " ".join(str(err).split())[:300]
-        raise ValueError(f"{str(folder)!r} does not fit this model and optimizer: {first}") from None
+    except dcp.api.CheckpointException as err:  # a BaseException holding each rank's error and traceback
+        cause = next(iter(err.failures.values()))[0] if err.failures else err
+        reason = " ".join(str(cause).split()) or type(cause).__name__
+        raise ValueError(f"{str(folder)!r} does not fit this model and optimizer: {reason}") from None
     # Not strict: the optimizer state left out above stays out (the model's names were all checked by dcp.load).
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(strict=False))
