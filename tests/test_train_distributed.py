@@ -250,6 +250,18 @@ def test_a_round_trip_in_one_process_is_bit_for_bit_and_training_continues_as_if
     assert resumed_scheduler.get_last_lr() == scheduler.get_last_lr()
 
 
+def test_a_save_before_the_first_step_leaves_the_optimizer_as_it_was(tmp_path) -> None:
+    model = nn.Linear(2, 2)
+    optimizer = adamw(model)
+    save_training_state(checkpoint_folder(tmp_path, 0), model=model, optimizer=optimizer, extra={"step": 0})
+    assert not optimizer.state  # AdamW's first step still starts its step count and moments
+    resumed = nn.Linear(2, 2)
+    resumed_optimizer = adamw(resumed)
+    assert load_training_state(checkpoint_folder(tmp_path, 0), model=resumed, optimizer=resumed_optimizer) == {"step": 0}
+    assert not resumed_optimizer.state
+    assert_same(resumed.state_dict(), model.state_dict(), "model")
+
+
 # ---- (d) partial folders and killed saves ------------------------------------------------------------------------
 
 

@@ -323,6 +323,17 @@ def _barrier(world_size: int) -> None:
         torch_dist.barrier()
 
 
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``get_state_dict`` without its side effect on an optimizer that has not stepped yet: it would give every
+    parameter a state (a zero-learning-rate step), so the run would go on differently from one that never saved."""
+    fresh = not optimizer.state
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    if fresh:
+        optimizer.state.clear()
+        optimizer_state["state"] = {}
+    return model_state, optimizer_state
+
+
 def save_training_state(folder: str | os.PathLike[str], *, model: nn.Module, optimizer: torch.optim.Optimizer,
                         extra: dict[str, Any]) -> None:
     """Save the model, the optimizer and this rank's ``extra`` into ``folder`` (``checkpoint_folder(out, step)``);
@@ -351,7 +362,7 @@ def save_training_state(folder: str | os.PathLike[str], *, model: nn.Module, opt
         partial.mkdir()
     _barrier(world_size)
     try:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        model_state, optimizer_state = _training_state(model, optimizer)
         with _single_process_quietly():
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
         torch.save(extra, _extra_file(partial, rank))
