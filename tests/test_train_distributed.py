@@ -47,9 +47,9 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 STEPS = 3
 DROPPED = (False, True, False)  # classifier-free dropout of each step, the same on every rank
 LR = 1e-3
-# 2 ranks x batch 1 against 1 process x batch 2: the same sums in another order, float rounding apart (measured: at most
-# 3e-8 after 3 steps, DDP and FSDP2 alike, on parameters that move by 2e-3); a rank that skipped the averaging would be
-# off by about LR.
+# 2 ranks x batch 1 against 1 process x batch 2: the same sums in another order, float rounding apart (measured: at
+# most 3e-8 after 3 steps, DDP and FSDP2 alike, on parameters that move by 2e-3); a rank that skipped the averaging
+# would be off by about LR.
 ROUNDING = {"rtol": 1e-6, "atol": 1e-7}
 
 
@@ -66,7 +66,8 @@ class Trained(nn.Module):
         self.mapper = nn.Linear(width, width)
         self.uncond = nn.Parameter(torch.randn(1, 1, width))
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, features: torch.Tensor, drop: bool) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, features: torch.Tensor,
+                drop: bool) -> torch.Tensor:
         context = self.uncond.expand(len(sample), -1, -1) if drop else self.mapper(features)
         return self.unet(sample, timestep, context)
 
@@ -97,7 +98,8 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, tensors: tup
 
 
 def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(module, optimizer, options=options)
 
 
 def assert_same(actual: object, expected: object, where: str = "") -> None:
@@ -257,7 +259,8 @@ def test_a_save_before_the_first_step_leaves_the_optimizer_as_it_was(tmp_path) -
     assert not optimizer.state  # AdamW's first step still starts its step count and moments
     resumed = nn.Linear(2, 2)
     resumed_optimizer = adamw(resumed)
-    assert load_training_state(checkpoint_folder(tmp_path, 0), model=resumed, optimizer=resumed_optimizer) == {"step": 0}
+    extra = load_training_state(checkpoint_folder(tmp_path, 0), model=resumed, optimizer=resumed_optimizer)
+    assert extra == {"step": 0}
     assert not resumed_optimizer.state
     assert_same(resumed.state_dict(), model.state_dict(), "model")
 
@@ -378,6 +381,10 @@ def test_setup_refuses_a_gpu_this_machine_does_not_have(launcher) -> None:
     with pytest.raises(ValueError, match=r"rank 3 \(LOCAL_RANK=3\) would train on cuda:3, but PyTorch sees 2 CUDA"):
         setup("auto")
     assert not torch.distributed.is_initialized()
+    launcher.setattr(torch.cuda, "is_available", lambda: False)
+    launcher.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="device 'cuda': PyTorch sees no CUDA GPU here"):
+        setup("cuda")
 
 
 def test_wrap_refuses_an_unknown_strategy_and_a_distributed_one_without_ranks() -> None:

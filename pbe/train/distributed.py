@@ -7,8 +7,14 @@ its own GPU (cuda:LOCAL_RANK) or on the CPU, and joins the process group (nccl o
     dist = setup()                                   # Dist(rank, world_size, local_rank, device)
     trained = wrap(trained, strategy="auto", dist=dist)  # before the optimizer is built (FSDP2 swaps the parameters)
     optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-5, weight_decay=0.01)
-    ...
-    save_training_state(checkpoint_folder(out, step), model=trained, optimizer=optimizer, extra={...})
+    if (folder := latest_checkpoint(out)) is not None:
+        extra = load_training_state(folder, model=trained, optimizer=optimizer)   # then restore_rng_states(...)
+    with no_sync(trained):                           # gradient accumulation: every micro-batch but the last
+        ...
+    log(all_reduce_mean(loss, dist))
+    save_training_state(checkpoint_folder(out, step), model=trained, optimizer=optimizer,
+                        extra={"step": step, "scheduler": scheduler.state_dict(), "rng": rng_states(), ...})
+    weights = full_state_dict(trained)               # on rank 0: the plain module's tensors, for pbe's native file
     teardown(dist)
 
 What is wrapped: only the trained module, one container holding the UNet and the image encoder's trained parts
@@ -128,6 +134,9 @@ def _rank_device(device: str, rank: int, local_rank: int, world_size: int) -> to
     if resolved.type == "cuda":
         count = torch.cuda.device_count()
         index = local_rank if resolved.index is None else resolved.index
+        if count == 0:
+            raise ValueError(f"device {device!r}: PyTorch sees no CUDA GPU here (torch {torch.__version__}); "
+                             "use device 'auto' or 'cpu'")
         if index >= count:
             raise ValueError(f"device {device!r}: rank {rank} (LOCAL_RANK={local_rank}) would train on cuda:{index}, "
                              f"but PyTorch sees {count} CUDA GPU(s) here; start at most one process per GPU")
