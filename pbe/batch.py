@@ -37,6 +37,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import images
+from .devices import Ranks, ranks_from_environment  # noqa: F401 -- pbe.batch.ranks_from_environment stays
 from .errors import UsageError
 from .files import write_atomically
 from .pipeline import PaintByExample
@@ -265,40 +266,6 @@ def check_outputs_are_not_inputs(rows: Sequence[Row], output_dir: str | os.PathL
 # --------------------------------------------------------------------------------------------------------------------
 # Ranks and seeds
 # --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a distributed run, as torchrun / accelerate / Slurm wrappers set it."""
-
-    rank: int = 0  # global rank: paints rows i with i mod world_size == rank
-    world_size: int = 1  # processes over all machines
-    local_rank: int = 0  # rank on this machine: its GPU is cuda:local_rank
-
-
-def ranks_from_environment(environ: Mapping[str, str] = os.environ) -> Ranks:
-    """Read RANK, WORLD_SIZE and LOCAL_RANK (RANK and WORLD_SIZE absent: one process; LOCAL_RANK absent: RANK,
-    right on one machine; torchrun, accelerate and Slurm wrappers set all three).
-
-    Raises:
-        ValueError: a value that is not an integer, or a rank outside 0 .. WORLD_SIZE - 1.
-    """
-    values = {}
-    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", None)):
-        text = environ.get(name)
-        if text is None:
-            values[name] = default
-            continue
-        try:
-            values[name] = int(text)
-        except ValueError:
-            raise ValueError(f"environment variable {name}: expected an integer, got {text!r}") from None
-    ranks = Ranks(values["RANK"], values["WORLD_SIZE"],
-                  values["LOCAL_RANK"] if values["LOCAL_RANK"] is not None else values["RANK"])
-    if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size or ranks.local_rank < 0:
-        raise ValueError(f"environment variables RANK={ranks.rank}, WORLD_SIZE={ranks.world_size}, "
-                         f"LOCAL_RANK={ranks.local_rank}: expected 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0")
-    return ranks
 
 
 def row_seed(row: Row, seed: int) -> int:

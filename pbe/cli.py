@@ -294,14 +294,6 @@ def _add_batch_parser(commands: argparse._SubParsersAction) -> None:
     _add_paint_options(batch_)
 
 
-def _batch_device(requested: str, local_rank: int) -> str:
-    """The device of this rank: with CUDA present, ``auto`` and ``cuda`` mean its own GPU, cuda:LOCAL_RANK; any
-    other value (``auto`` without CUDA included) is resolved as ``pbe paint`` resolves it."""
-    if requested in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    return requested
-
-
 def _row_as_paint(args: argparse.Namespace, row: batch.Row, output: Path) -> argparse.Namespace:
     """The ``pbe paint`` arguments that paint ``row`` alone (its seed aside)."""
     return argparse.Namespace(**{**vars(args), "image": row.image, "mask": row.mask, "example": row.example,
@@ -309,8 +301,8 @@ def _row_as_paint(args: argparse.Namespace, row: batch.Row, output: Path) -> arg
 
 
 def _batch(args: argparse.Namespace) -> int:
-    ranks = batch.ranks_from_environment()
-    args.device = _batch_device(args.device, ranks.local_rank)
+    ranks = devices.ranks_from_environment()
+    args.device = devices.rank_device(args.device, ranks.local_rank)
     # Everything that can be refused is refused before the model loads, on every rank alike.
     try:
         rows = batch.read_manifest(args.manifest)

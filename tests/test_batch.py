@@ -210,15 +210,20 @@ def test_ranks_from_the_environment() -> None:
         pbe.batch.ranks_from_environment({"RANK": "0", "WORLD_SIZE": "two"})
     with pytest.raises(ValueError, match="RANK=2, WORLD_SIZE=2"):
         pbe.batch.ranks_from_environment({"RANK": "2", "WORLD_SIZE": "2"})
+    # One of the pair alone would make every process rank 0, or alone: a launcher sets both.
+    with pytest.raises(ValueError, match="WORLD_SIZE='2' is set but RANK is not"):
+        pbe.batch.ranks_from_environment({"WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="RANK='1' is set but WORLD_SIZE is not"):
+        pbe.batch.ranks_from_environment({"RANK": "1"})
 
 
 def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch) -> None:
-    from pbe.cli import _batch_device
+    from pbe.devices import rank_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert [_batch_device(device, 3) for device in ("auto", "cuda", "cuda:0")] == ["cuda:3", "cuda:3", "cuda:0"]
+    assert [rank_device(device, 3) for device in ("auto", "cuda", "cuda:0")] == ["cuda:3", "cuda:3", "cuda:0"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert [_batch_device("auto", 3), _batch_device("cpu", 3)] == ["auto", "cpu"]  # auto: resolved as pbe paint does
+    assert [rank_device("auto", 3), rank_device("cpu", 3)] == ["auto", "cpu"]  # auto: resolved as pbe paint does
 
 
 # ---- painting ------------------------------------------------------------------------------------------------------

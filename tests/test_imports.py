@@ -30,6 +30,7 @@ LAYERS = [
     ("pbe.loading",),
     ("pbe.pipeline",),
     ("pbe.batch",),  # many pictures, many processes: on top of the pipeline
+    ("pbe.train",),  # training: data, step, loop and distributed plumbing, on top of the networks and the pipeline
     ("pbe.cli",),
     ("pbe.__main__",),  # `python -m pbe`
 ]
