@@ -68,7 +68,8 @@ def checkpoints(tmp_path_factory, sd_networks, clip_vision) -> dict[str, Path]:
     unet.save_pretrained(root / "sd" / "unet")  # safetensors
     vae.save_pretrained(root / "sd" / "vae", safe_serialization=False)  # pickled .bin, as older SD repos ship
 
-    original = script.original_unet_vae_state_dict(unet, vae, script.read_table(FIXTURES / "ldm_to_diffusers_unet_vae.tsv"))
+    table = script.read_table(FIXTURES / "ldm_to_diffusers_unet_vae.tsv")
+    original = script.original_unet_vae_state_dict(unet, vae, table)
     text = "cond_stage_model.transformer.text_model."
     original |= {f"{text}embeddings.token_embedding.weight": torch.randn(49, 8),
                  f"{text}embeddings.position_ids": torch.arange(7)[None],
@@ -84,7 +85,8 @@ def checkpoints(tmp_path_factory, sd_networks, clip_vision) -> dict[str, Path]:
 
     clip_vision.save_pretrained(root / "clip_vision")
     tiny_text = {"hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 1, "num_attention_heads": 2,
-                 "vocab_size": 49, "max_position_embeddings": 7, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+                 "vocab_size": 49, "max_position_embeddings": 7, "bos_token_id": 0, "eos_token_id": 1,
+                 "pad_token_id": 1}
     clip_model = CLIPModel(CLIPConfig(text_config=tiny_text, vision_config=clip_vision.config.to_dict(),
                                       projection_dim=6))
     clip_model.vision_model.load_state_dict(clip_vision.state_dict())
@@ -223,7 +225,7 @@ def test_the_clip_text_tower_and_projections_are_skipped_on_purpose(checkpoints,
     assert all(k.startswith("clip.") for k in converted.state_dicts["image_encoder"])
 
 
-# ---- refusals ---------------------------------------------------------------------------------------------------------
+# ---- refusals --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("source", [ORIGINAL_CKPT, HUB], ids=["original", "hub"])
 def test_a_paint_by_example_checkpoint_given_as_sd_is_named(checkpoints, config, source) -> None:

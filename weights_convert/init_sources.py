@@ -20,7 +20,7 @@ from pbe.model import PaintByExampleConfig
 from pbe.model.config import CLIPVisionConfig
 
 from . import configs
-from .convert import HUB_CONFIG_READERS, Converted, _convert_one, _read_json, our_shapes
+from .convert import HUB_CONFIG_READERS, Converted, convert_network, our_shapes, read_json
 from .mapping import apply, build_keymap, refuse_unexpected
 from .readers import read_tensors
 from .tables import (CLIP_CONFIG_FILE, CLIP_IGNORED, CLIP_IGNORED_PREFIXES, CLIP_WEIGHT_FILES, HUB_CONFIG_FILES,
@@ -83,7 +83,7 @@ def _sd_folder(folder: Path, expected: PaintByExampleConfig, origin: str) -> Con
         if not path.is_file():
             raise CheckpointError(f"{origin}: no {HUB_CONFIG_FILES[network]}; expected a diffusers Stable Diffusion "
                                   f"folder (unet/ and vae/) or the original single file")
-        found[network] = HUB_CONFIG_READERS[network](_read_json(path), origin=str(path))
+        found[network] = HUB_CONFIG_READERS[network](read_json(path), origin=str(path))
     paint_by_example = (folder / "image_encoder").is_dir()
     _refuse_other_unet(found["unet"].in_channels, expected, origin, paint_by_example=paint_by_example)
     differences = configs.structure_differences(dataclasses.replace(expected, **found), expected, label="config")
@@ -96,7 +96,7 @@ def _sd_folder(folder: Path, expected: PaintByExampleConfig, origin: str) -> Con
         path = next((folder / n for n in names if (folder / n).is_file()), None)
         if path is None:
             raise CheckpointError(f"{origin}: no {network} weights (looked for {' or '.join(names)})")
-        result.state_dicts[network], _ = _convert_one(network, expected, "diffusers", read_tensors(path), {},
+        result.state_dicts[network], _ = convert_network(network, expected, "diffusers", read_tensors(path), {},
                                                       f"{origin}: {path.relative_to(folder)}", None)
         result.sources[network] = str(path)
     return result
@@ -123,7 +123,7 @@ def _sd_single_file(path: Path, expected: PaintByExampleConfig, origin: str) -> 
     for network in SD_NETWORKS:
         part = {k: v for k, v in source.items() if k.startswith(SD_LDM_PREFIXES[network])}
         try:
-            result.state_dicts[network], _ = _convert_one(network, expected, "ldm", part, ignored, origin, None)
+            result.state_dicts[network], _ = convert_network(network, expected, "ldm", part, ignored, origin, None)
         except CheckpointError as err:
             raise _with_config_hint(err, network) from None
         result.sources[network] = str(path)
@@ -150,7 +150,7 @@ def convert_clip_vision(src: str | Path, *, config: PaintByExampleConfig, name: 
         if not config_path.is_file():
             raise CheckpointError(f"{origin}: a folder without {CLIP_CONFIG_FILE}; expected a transformers CLIP "
                                   f"checkpoint folder, or its weights file")
-        _refuse_other_tower(configs.clip_config_from_transformers(_read_json(config_path), origin=str(config_path)),
+        _refuse_other_tower(configs.clip_config_from_transformers(read_json(config_path), origin=str(config_path)),
                             config, origin)
         weights = next((path / n for n in CLIP_WEIGHT_FILES if (path / n).is_file()), None)
         if weights is None:
