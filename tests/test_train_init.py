@@ -284,3 +284,54 @@ def test_a_missing_path_is_named(checkpoints, config, argument, tmp_path) -> Non
     paths[argument] = tmp_path / "nope"
     with pytest.raises(CheckpointError, match=rf"{argument} .*nope: no such file or folder"):
         networks_from_stable_diffusion(paths["sd_checkpoint"], paths["clip_checkpoint"], config=config)
+
+
+# ---- the official sizes, on the meta device (shapes only: no memory, no weights) -----------------------------------------
+
+def _meta(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+
+
+def test_an_official_size_sd_1_x_file_maps_completely(monkeypatch, tmp_path) -> None:
+    import json
+
+    from pbe.model import PaintByExampleConfig
+
+    # v1-5-pruned.ckpt's UNet/VAE names and shapes: the shared table's (conv_in takes the latent alone in SD), its
+    # EMA copy, text encoder and DDPM buffers.
+    rows = [line.split("\t") for line in (FIXTURES / "ldm_to_diffusers_unet_vae.tsv").read_text().splitlines()
+            if not line.startswith("#")]
+    shapes = {original: json.loads(shape) for _, original, shape in rows}
+    shapes["model.diffusion_model.input_blocks.0.0.weight"] = [320, 4, 3, 3]
+    unet_keys = [k for k in shapes if k.startswith("model.diffusion_model.")]
+    shapes |= {"model_ema." + k.removeprefix("model.").replace(".", ""): shapes[k] for k in unet_keys}
+    shapes |= {"model_ema.decay": [], "model_ema.num_updates": [], "betas": [1000], "alphas_cumprod": [1000],
+               "cond_stage_model.transformer.text_model.final_layer_norm.weight": [768]}
+    (tmp_path / "v1-5-pruned.ckpt").touch()
+    monkeypatch.setattr("weights_convert.init_sources.read_tensors", lambda path: _meta(shapes))
+    converted = convert_stable_diffusion(tmp_path / "v1-5-pruned.ckpt", config=PaintByExampleConfig())
+    assert len(converted.state_dicts["unet"]) == 686 and len(converted.state_dicts["vae"]) == 248
+    assert converted.state_dicts["unet"]["conv_in.weight"].shape == (320, 4, 3, 3)
+    assert len(converted.ignored) == len(unet_keys) + 5
+
+
+def test_openai_clip_vit_large_patch14_maps_completely(monkeypatch, tmp_path) -> None:
+    from transformers import CLIPConfig, CLIPModel
+
+    from pbe.model import PaintByExampleConfig
+
+    # openai/clip-vit-large-patch14: a CLIPModel with the ViT-L/14 vision tower (and a 12-layer text tower).
+    vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+              "patch_size": 14, "image_size": 224, "projection_dim": 768}
+    clip_config = CLIPConfig(vision_config=vision, projection_dim=768)
+    with torch.device("meta"):
+        model = CLIPModel(clip_config)
+    clip_config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").touch()
+    monkeypatch.setattr("weights_convert.init_sources.read_tensors",
+                        lambda path: _meta({k: list(v.shape) for k, v in model.state_dict().items()}))
+    converted = convert_clip_vision(tmp_path, config=PaintByExampleConfig())
+    # class and position embeddings, patch conv, two LayerNorms; 16 tensors per layer.
+    assert len(converted.state_dicts["image_encoder"]) == 3 + 2 * 2 + 24 * 16
+    assert len(converted.ignored) == sum(not k.startswith("vision_model.") for k in model.state_dict())
+    assert converted.state_dicts["image_encoder"]["clip.patch_embed.weight"].shape == (1024, 3, 14, 14)
