@@ -279,9 +279,15 @@ def test_the_official_config_names_vit_l_14(checkpoints) -> None:
 
 
 @pytest.mark.parametrize("argument", ["sd_checkpoint", "clip_checkpoint"])
-def test_a_missing_path_is_named(checkpoints, config, argument, tmp_path) -> None:
+def test_a_missing_path_is_named_before_anything_is_read(checkpoints, config, argument, tmp_path,
+                                                          monkeypatch) -> None:
     paths = {"sd_checkpoint": checkpoints["sd_folder"], "clip_checkpoint": checkpoints["clip_vision"]}
     paths[argument] = tmp_path / "nope"
+
+    def no_reading(path: Path) -> None:
+        raise AssertionError(f"{path} was read")
+
+    monkeypatch.setattr("weights_convert.init_sources.read_tensors", no_reading)
     with pytest.raises(CheckpointError, match=rf"{argument} .*nope: no such file or folder"):
         networks_from_stable_diffusion(paths["sd_checkpoint"], paths["clip_checkpoint"], config=config)
 

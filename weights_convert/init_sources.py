@@ -96,9 +96,10 @@ def _sd_folder(folder: Path, expected: PaintByExampleConfig, origin: str) -> Con
         path = next((folder / n for n in names if (folder / n).is_file()), None)
         if path is None:
             raise CheckpointError(f"{origin}: no {network} weights (looked for {' or '.join(names)})")
-        result.state_dicts[network], _ = convert_network(network, expected, "diffusers", read_tensors(path), {},
-                                                      f"{origin}: {path.relative_to(folder)}", None)
+        result.state_dicts[network], skipped = convert_network(network, expected, "diffusers", read_tensors(path), {},
+                                                               f"{origin}: {path.relative_to(folder)}", None)
         result.sources[network] = str(path)
+        result.ignored.update(skipped)
     return result
 
 

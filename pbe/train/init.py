@@ -59,6 +59,9 @@ def networks_from_stable_diffusion(
     if config.unet.in_channels != 2 * latent + 1:
         raise CheckpointError(f"config=: the UNet takes {config.unet.in_channels} input channels; Paint by Example's "
                               f"takes {2 * latent + 1} (noisy latent + masked-image latent + mask)")
+    for name, src in [("sd_checkpoint", sd_checkpoint), ("clip_checkpoint", clip_checkpoint)]:
+        if not Path(src).expanduser().exists():  # both, before either is read
+            raise CheckpointError(f"{name} {Path(src).expanduser()}: no such file or folder")
     clip = convert_clip_vision(clip_checkpoint, config=config)
     sd = convert_stable_diffusion(sd_checkpoint, config=config)
 
