@@ -30,7 +30,7 @@ LAYERS = [
     ("pbe.loading",),
     ("pbe.pipeline",),
     ("pbe.batch",),  # many pictures, many processes: on top of the pipeline
-    ("pbe.train",),  # training: data, step, loop and distributed plumbing, on top of the networks and the pipeline
+    ("pbe.train",),  # training: recipe, step, loop, data, processes; validation paints through the pipeline
     ("pbe.cli",),
     ("pbe.__main__",),  # `python -m pbe`
 ]
@@ -159,9 +159,10 @@ def test_the_converter_and_pbe_meet_in_few_places() -> None:
     used = {(m, i) for m in MODULES if m.startswith("weights_convert") for i in _imports(m, ours)
             if i.partition(".")[0] == "pbe"}
     assert {i for _, i in used if not any(i == a or i.startswith(f"{a}.") for a in allowed)} == set()
-    # pbe reaches the converter from its loading layer (and `pbe convert` runs the converter's command).
+    # pbe reaches the converter from its loading layer (and `pbe convert` runs the converter's command); the
+    # paper's initialisation reads Stable Diffusion and CLIP through it.
     reaching = {m for m in MODULES if m.startswith("pbe") and any(i.startswith("weights_convert") for i in _imports(m, ours))}
-    assert reaching == {"pbe.loading", "pbe.cli"}
+    assert reaching == {"pbe.loading", "pbe.cli", "pbe.train.init"}
 
 
 def test_pbe_model_imports_only_torch_and_einops() -> None:

@@ -59,8 +59,10 @@ def our_shapes(network: str, config: PaintByExampleConfig) -> dict[str, torch.Si
     return {k: v.shape for k, v in meta_network(network, config).state_dict().items()}
 
 
-def _convert_one(network: str, config: PaintByExampleConfig, layout: str, source: dict[str, torch.Tensor],
-                 ignored: dict[str, str], origin: str, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def convert_network(network: str, config: PaintByExampleConfig, layout: str, source: dict[str, torch.Tensor],
+                    ignored: dict[str, str], origin: str,
+                    dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One network of ``layout`` in our names (checked by ``mapping.build_keymap``), and the source keys it skipped."""
     shapes = {k: v.shape for k, v in source.items()}
     rules = RULES[layout][network](getattr(config, network))
     keymap = build_keymap(rules, our_shapes(network, config), shapes, ignored, origin=origin)
@@ -80,7 +82,8 @@ def _check_paint_by_example(config: PaintByExampleConfig, origin: str) -> None:
                               f"encoder makes {config.image_encoder.embed_dim}-wide ones")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A config.json; ``CheckpointError`` naming the file if it is missing or not JSON."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -95,7 +98,7 @@ def hub_folder_config(folder: Path) -> PaintByExampleConfig:
     for network, name in HUB_CONFIG_FILES.items():
         path = folder / name
         try:
-            found[network] = HUB_CONFIG_READERS[network](_read_json(path), origin=str(path))
+            found[network] = HUB_CONFIG_READERS[network](read_json(path), origin=str(path))
         except CheckpointError:
             raise
         except (ValueError, KeyError, TypeError) as err:  # a missing key, or values the network cannot be built from
@@ -153,7 +156,7 @@ def convert_hub_folder(folder: Path, *, dtype: torch.dtype | None = None,
         if path is None:
             raise CheckpointError(f"{folder / network}: no weights file (looked for {' or '.join(names)})")
         ignored = dict(IGNORED["diffusers"].get(network, []))
-        result.state_dicts[network], skipped = _convert_one(network, config, "diffusers", read_tensors(path), ignored, str(path), dtype)
+        result.state_dicts[network], skipped = convert_network(network, config, "diffusers", read_tensors(path), ignored, str(path), dtype)
         result.sources[network] = str(path)
         result.ignored.update(skipped)
     return result
@@ -177,7 +180,7 @@ def convert_ldm_state_dict(source: dict[str, torch.Tensor], *, origin: str, base
     result = Converted(config, {}, "ldm", ignored={k: v for k, v in common_ignored.items() if k in source})
     for network, prefixes in LDM_PREFIXES.items():
         part = {k: v for k, v in source.items() if k.startswith(prefixes)}
-        result.state_dicts[network], skipped = _convert_one(network, config, "ldm", part, common_ignored, origin, dtype)
+        result.state_dicts[network], skipped = convert_network(network, config, "ldm", part, common_ignored, origin, dtype)
         result.sources[network] = origin
         result.ignored.update(skipped)
     return result
