@@ -188,10 +188,15 @@ def load_lora_state_dict(unet: nn.Module, state: dict[str, torch.Tensor], *, ran
         _replace(unet, path, layer)
 
 
-def set_lora_scale(unet: nn.Module, scale: float) -> None:
-    """Set the strength of every LoRA layer of ``unet`` (1 = as trained, 0 = the base model); ValueError if none."""
+def check_lora_scale(scale: float) -> None:
+    """ValueError unless ``scale`` is a finite number (negative ones subtract the update: allowed)."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number, got {scale!r}")
+
+
+def set_lora_scale(unet: nn.Module, scale: float) -> None:
+    """Set the strength of every LoRA layer of ``unet`` (1 = as trained, 0 = the base model); ValueError if none."""
+    check_lora_scale(scale)
     layers = lora_layers(unet)
     if not layers:
         raise ValueError("set_lora_scale: the UNet carries no LoRA layers (load some first)")
