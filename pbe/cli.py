@@ -371,7 +371,7 @@ def _batch(args: argparse.Namespace) -> int:
     return 1 if totals["failed"] else 0
 
 
-# ---- pbe merge-lora ---------------------------------------------------------------------------------------------------
+# ---- pbe merge-lora --------------------------------------------------------------------------------------------------
 
 
 def _add_merge_lora_parser(commands: argparse._SubParsersAction) -> None:

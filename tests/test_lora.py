@@ -252,4 +252,4 @@ def test_a_lora_layer_has_no_weight_of_its_own(networks) -> None:
     add_lora(unet)
     assert isinstance(unet.mid_attn.cross_attn.to_v, LoRALinear)
     with pytest.raises(AttributeError):
-        unet.mid_attn.cross_attn.to_v.weight
+        unet.mid_attn.cross_attn.to_v.weight  # noqa: B018

@@ -193,7 +193,7 @@ def test_foreign_files_are_refused_by_name(networks, tmp_path) -> None:
             read_lora(tmp_path / name, config=networks.config.unet)
 
 
-# ---- the pipeline -----------------------------------------------------------------------------------------------------
+# ---- the pipeline ----------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_from_pretrained_checks_the_lora_file_before_loading(tmp_path, monkeypat
         check_lora_file(tmp_path, scale=float("nan"))
 
 
-# ---- the commands -----------------------------------------------------------------------------------------------------
+# ---- the commands ----------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

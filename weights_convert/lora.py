@@ -72,7 +72,8 @@ def diffusers_lora_alpha(metadata: dict[str, str], *, rank: int, origin: str) ->
     return float(rank if found is None else found)
 
 
-def convert_diffusers_lora(state: dict[str, torch.Tensor], config: UNetConfig, *, origin: str) -> dict[str, torch.Tensor]:
+def convert_diffusers_lora(state: dict[str, torch.Tensor], config: UNetConfig, *,
+                           origin: str) -> dict[str, torch.Tensor]:
     """A diffusers/peft LoRA state dict of the UNet -> pbe's LoRA keys (``{path}.lora_down.weight`` / ``lora_up``).
 
     Raises ``CheckpointError`` naming ``origin`` and the keys: text-encoder entries (Paint by Example has none), keys
@@ -80,7 +81,7 @@ def convert_diffusers_lora(state: dict[str, torch.Tensor], config: UNetConfig, *
     """
     text = [k for k in state if k.startswith(DIFFUSERS_LORA_TEXT_ENCODER_PREFIXES)]
     if text:
-        raise CheckpointError(f"{origin}: holds {len(text)} text-encoder LoRA weight(s) ({sorted(text)[0]}, ...): "
+        raise CheckpointError(f"{origin}: holds {len(text)} text-encoder LoRA weight(s) ({min(text)}, ...): "
                               "Paint by Example has no text encoder; only UNet LoRA files apply")
     names = diffusers_lora_names(config)
     out: dict[str, torch.Tensor] = {}

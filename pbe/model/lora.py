@@ -177,14 +177,8 @@ def load_lora_state_dict(unet: nn.Module, state: dict[str, torch.Tensor], *, ran
     for path, module in sites.items():
         layer = module if isinstance(module, LoRALinear) else LoRALinear(module, rank=rank, alpha=alpha)
         with torch.no_grad():
-            for part in ("down", "up"):
-                weight = getattr(layer, f"lora_{part}").weight
-                source = state[f"{path}.lora_{part}.weight"]
-                if weight.device.type == "meta":
-                    setattr(getattr(layer, f"lora_{part}"), "weight",
-                            nn.Parameter(source.to(weight.dtype), requires_grad=weight.requires_grad))
-                else:
-                    weight.copy_(source)
+            layer.lora_down.weight.copy_(state[f"{path}.lora_down.weight"])
+            layer.lora_up.weight.copy_(state[f"{path}.lora_up.weight"])
         _replace(unet, path, layer)
 
 
