@@ -31,6 +31,7 @@ from .model.lora import (TARGETS, check_lora_scale, check_lora_state_dict, load_
 
 FORMAT = "pbe-lora"
 FORMAT_VERSION = "1"
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes in a folder
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ def save_lora(path: str | Path, unet: nn.Module, *, base: str = "", dtype: torch
     ``base``: the checkpoint they were trained on, recorded for the reader. ``dtype``: the written tensors' dtype
     (default: the adapters' own). Raises ``ValueError`` for a UNet without LoRA layers or with mixed ranks/alphas.
     """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_lora: {path}: expected a file name ending in .safetensors")
     layers = lora_layers(unet)
     if not layers:
         raise ValueError("save_lora: the UNet carries no LoRA layers")
@@ -58,17 +62,11 @@ def save_lora(path: str | Path, unet: nn.Module, *, base: str = "", dtype: torch
         raise ValueError(f"save_lora: the LoRA layers mix ranks/alphas {sorted(shapes)}; one file holds one of each")
     (rank, alpha), = shapes
     meta = LoRAMeta(rank, float(alpha), tuple(t for t in TARGETS if any(p.endswith(f".{t}") for p in layers)), base)
-    tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in lora_state_dict(unet).items()}
+    tensors = {k: v.to("cpu", dtype or v.dtype).contiguous() for k, v in lora_state_dict(unet).items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "rank": str(meta.rank), "alpha": repr(meta.alpha),
                 "targets": ",".join(meta.targets), "base": base}
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"save_lora: {path}: expected a file name ending in .safetensors")
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return meta
-
-
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes in a folder
 
 
 def lora_file(path: str | Path, *, weight_name: str | None = None) -> Path:

@@ -72,6 +72,11 @@ def test_save_and_read_round_trip(networks, tmp_path) -> None:
     assert all(torch.equal(state[k], v.to(torch.bfloat16)) for k, v in expected.items())
     # Small: the adapters alone.
     assert path.stat().st_size < 0.2 * sum(t.numel() * 4 for t in networks.unet.state_dict().values())
+    with pytest.raises(ValueError, match="save_lora: the UNet carries no LoRA layers"):
+        save_lora(tmp_path / "plain.safetensors", networks.unet)
+    with pytest.raises(ValueError, match="lora.bin: expected a file name ending in .safetensors"):
+        save_lora(tmp_path / "lora.bin", unet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
 
 
 def test_load_lora_gives_the_same_unet(networks, lora_path) -> None:
