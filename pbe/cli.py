@@ -1,5 +1,6 @@
 """The ``pbe`` command: ``pbe paint`` paints one picture, ``pbe batch MANIFEST`` paints every row of a manifest with
-one model load (restartable; ``torchrun`` spreads it over processes), ``pbe convert SRC OUT`` converts a checkpoint.
+one model load (restartable; ``torchrun`` spreads it over processes), ``pbe convert SRC OUT`` converts a checkpoint,
+``pbe merge-lora CHECKPOINT LORA -o OUT`` folds a LoRA file into one.
 
 ``paint`` and ``batch`` share their painting options (one definition: ``_add_paint_options``) and check them the same
 way, before anything loads: ranges (``--steps`` against the scheduler's training steps, ...), outputs that would
@@ -31,10 +32,10 @@ from tqdm.auto import tqdm
 
 from weights_convert import command as convert_command
 
-from . import __version__, batch, devices, images, regions
+from . import __version__, batch, devices, images, lora_files, regions
 from .batch import OUTPUT_FORMATS, save_image
 from .checkpoint import DTYPES
-from .errors import COMMAND_ERRORS, UsageError, error_line, exit_status
+from .errors import COMMAND_ERRORS, CheckpointError, UsageError, error_line, exit_status, sigterm_as_interrupt
 from .loading import DEFAULT_REPO, looks_like_path, resolve_checkpoint
 from .pipeline import PaintByExample
 from .schedulers import SCHEDULERS, make_scheduler
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     convert_command.add_arguments(commands.add_parser("convert", help="convert a checkpoint to pbe's native .safetensors",
                                                       description=convert_command.DESCRIPTION))
     _add_batch_parser(commands)
+    _add_merge_lora_parser(commands)
     return parser
 
 
@@ -100,6 +102,11 @@ def _add_paint_options(parser: argparse.ArgumentParser) -> None:
                              "own size (default 800)")
     parser.add_argument("--hd-margin", type=int, default=128,
                         help="with crop: pixels of context around each mask region (default 128)")
+    parser.add_argument("--lora", type=Path, default=None,
+                        help="a LoRA file for the UNet: pbe's (pbe train) or diffusers'/peft's "
+                             "(pytorch_lora_weights.safetensors)")
+    parser.add_argument("--lora-scale", type=float, default=1.0,
+                        help="with --lora: its strength, 1 = as trained, 0 = the base model (default 1)")
 
 
 def _training_steps(args: argparse.Namespace) -> int:
@@ -132,6 +139,7 @@ def _check_paint_options(args: argparse.Namespace) -> str:
         raise UsageError(f"--hd-trigger: expected a positive number of pixels, got {args.hd_trigger}")
     if args.hd_margin < 0:
         raise UsageError(f"--hd-margin: expected a number of pixels >= 0, got {args.hd_margin}")
+    _check_lora_options(args.lora, args.lora_scale, flags=("--lora", "--lora-scale"))
     try:
         device = devices.resolve_device(args.device)
     except ValueError:
@@ -150,6 +158,21 @@ def _check_paint_options(args: argparse.Namespace) -> str:
         except ValueError as err:
             raise UsageError(f"--dtype {args.dtype}: {err}") from None
     return _choose_device_and_dtype(args, device)
+
+
+def _check_lora_options(lora: Path | None, scale: float, *, flags: tuple[str, str]) -> None:
+    """A LoRA file that exists and is one (not yet whether it fits the checkpoint: that needs the UNet), and a finite
+    strength that only applies with it."""
+    if not math.isfinite(scale):
+        raise UsageError(f"{flags[1]}: expected a finite number, got {scale}")
+    if lora is None:
+        if scale != 1.0:
+            raise UsageError(f"{flags[1]} only applies with {flags[0]}")
+        return
+    try:
+        lora_files.check_lora_file(lora)
+    except CheckpointError as err:
+        raise CheckpointError(f"{flags[0]} {err}") from None
 
 
 def _check_paint_arguments(args: argparse.Namespace) -> str:
@@ -209,6 +232,8 @@ def _repeat_command(args: argparse.Namespace, seed: int) -> str:
         flags += ["--keep-unmasked", "--mask-blur", args.mask_blur]
     if args.config is not None:
         flags += ["--config", args.config]
+    if args.lora is not None:
+        flags += ["--lora", args.lora, "--lora-scale", args.lora_scale]
     return shlex.join(str(flag) for flag in flags)
 
 
@@ -246,7 +271,8 @@ def _pipe_options(args: argparse.Namespace) -> dict[str, object]:
 def _load_pipeline(args: argparse.Namespace) -> PaintByExample:
     """The pipeline the painting options ask for (``paint`` and ``batch`` alike)."""
     return PaintByExample.from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device,
-                                          scheduler=args.scheduler, config=args.config)
+                                          scheduler=args.scheduler, config=args.config, lora=args.lora,
+                                          lora_scale=args.lora_scale)
 
 
 def _paint(args: argparse.Namespace) -> int:
@@ -362,11 +388,56 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+# ---- pbe merge-lora --------------------------------------------------------------------------------------------------
+
+
+def _add_merge_lora_parser(commands: argparse._SubParsersAction) -> None:
+    merge = commands.add_parser(
+        "merge-lora", help="fold a LoRA file into a checkpoint, written as pbe's native .safetensors",
+        description="Fold LORA into the UNet of CHECKPOINT (W + scale * alpha / rank * up @ down, summed in float32) "
+                    "and write pbe's native single-file checkpoint, which pbe paint --checkpoint loads. Written "
+                    "atomically: a failure or an interrupt leaves nothing under OUT.")
+    merge.add_argument("checkpoint", help="hub repo id, hub-layout folder, original model.ckpt or pbe .safetensors")
+    merge.add_argument("lora", type=Path, help="the LoRA file: pbe's, or diffusers'/peft's")
+    merge.add_argument("-o", "--output", required=True, type=Path, help="the native .safetensors file to write")
+    merge.add_argument("--scale", type=float, default=1.0, help="the LoRA's strength (default 1)")
+    merge.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written tensors "
+                       "(default fp32)")
+    merge.add_argument("--config", type=Path, default=None,
+                       help="the networks' config, for an original-layout checkpoint of a non-official structure")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    out = args.output
+    if out.suffix != ".safetensors":
+        raise UsageError(f"-o {out}: expected a file name ending in .safetensors")
+    if out.is_dir():
+        raise UsageError(f"-o {out}: is a folder; give a file name such as {out / 'merged.safetensors'}")
+    _check_lora_options(args.lora, args.scale, flags=("LORA", "--scale"))
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    for name, path in (("CHECKPOINT", checkpoint), ("LORA", args.lora)):
+        if out.exists() and out.resolve() == path.resolve():
+            raise UsageError(f"-o {out}: would overwrite the input {name}; choose another output name")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"-o {out}: exists; pass --overwrite to replace it")
+    _check_writable_folder("-o", out.parent, create=False)
+    with sigterm_as_interrupt():
+        meta = lora_files.merge_into_checkpoint(checkpoint, args.lora, out, scale=args.scale,
+                                                dtype=DTYPES[args.dtype], config=args.config)
+    print(f"merged {args.lora} ({meta.format}, rank {meta.rank}, alpha {meta.alpha:g}, "
+          f"{','.join(meta.targets)}) at scale {args.scale:g} into {args.checkpoint}", file=sys.stderr)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype})", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "convert":
             return convert_command.run(args)
+        if args.command == "merge-lora":
+            return _merge_lora(args)
         if args.command == "batch":
             return _batch(args)
         return _paint(args)

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import devices, regions
+from . import devices, lora_files, regions
 from . import images as imageio
 from .loading import DEFAULT_REPO, PaintByExampleNetworks, load, resolve_checkpoint
 from .memory import reuse_freed_memory
 from .model import AutoencoderKL, ImageEncoder, PaintByExampleConfig, UNet
+from .model.lora import lora_layers, merge_lora, remove_lora, set_lora_scale
 from .model.noise import randn
 from .schedulers import Run, Scheduler, make_scheduler
 
@@ -116,6 +117,8 @@ class PaintByExample:
         device: Device = "cpu",
         scheduler: str = "pndm",
         config: PaintByExampleConfig | str | Path | None = None,
+        lora: str | Path | None = None,
+        lora_scale: float = 1.0,
     ) -> PaintByExample:
         """Load from anything ``pbe.load`` takes, or a hub repo id (fetched into the Hugging Face cache on first use).
 
@@ -123,16 +126,52 @@ class PaintByExample:
         giving both with different values is a TypeError. ``device``: where the networks are placed (``"auto"``: see
         ``pbe.devices.resolve_device``). A half precision the CPU has no instructions for warns once
         (``pbe.devices.SlowPrecisionWarning``): it runs, emulated, far slower than float32. ``config``: the networks'
-        config for an original-layout checkpoint of a non-official structure (see ``pbe.load``).
+        config for an original-layout checkpoint of a non-official structure (see ``pbe.load``). ``lora``: a LoRA file
+        to apply at strength ``lora_scale`` (see ``load_lora_weights``), checked before the checkpoint loads.
         """
         chosen = _resolve_dtype(dtype, torch_dtype) or torch.float32
         device = devices.resolve_device(device)
         devices.check_precision(device, chosen, refuse=False)
+        if lora is not None:
+            lora_files.check_lora_file(lora, scale=lora_scale)
         path = resolve_checkpoint(src)
         networks: PaintByExampleNetworks = load(path, dtype=chosen, device=device, config=config)
         scheduler_json = path / "scheduler" / "scheduler_config.json" if path.is_dir() else None
         config = json.loads(scheduler_json.read_text()) if scheduler_json and scheduler_json.is_file() else None
-        return cls(networks.unet, networks.vae, networks.image_encoder, scheduler, scheduler_config=config)
+        pipe = cls(networks.unet, networks.vae, networks.image_encoder, scheduler, scheduler_config=config)
+        if lora is not None:
+            pipe.load_lora_weights(lora, scale=lora_scale)
+        return pipe
+
+    # ---- LoRA --------------------------------------------------------------------------------------------------------
+
+    def load_lora_weights(self, path: str | Path, *, scale: float = 1.0, weight_name: str | None = None) -> None:
+        """Adapt the UNet with a LoRA file at strength ``scale`` (1 = as trained, 0 = the base model).
+
+        ``path``: a pbe LoRA file (``pbe.lora_files.save_lora``, ``pbe train`` with LoRA) or a diffusers/peft UNet
+        LoRA file (``save_lora_weights``), or a folder holding one (``weight_name``, default diffusers'
+        ``pytorch_lora_weights.safetensors``). One adapter at a time: loading another replaces it. Raises
+        ``pbe.CheckpointError`` naming the file for a missing or non-LoRA file or weights that do not fit this UNet
+        (the UNet is then left as it was).
+        """
+        lora_files.load_lora(self.unet, lora_files.lora_file(path, weight_name=weight_name), scale=scale)
+
+    def set_lora_scale(self, scale: float) -> None:
+        """The strength of the loaded LoRA (1 = as trained, 0 = the base model); ValueError if none is loaded."""
+        set_lora_scale(self.unet, scale)
+
+    def fuse_lora(self, *, lora_scale: float | None = None) -> None:
+        """Fold the loaded LoRA into the UNet's weights at its current strength (or ``lora_scale``): the UNet runs
+        as fast as the base one afterwards. Not reversible here: load the checkpoint again to undo it."""
+        if lora_scale is not None:
+            set_lora_scale(self.unet, lora_scale)
+        elif not lora_layers(self.unet):
+            raise ValueError("fuse_lora: no LoRA is loaded")
+        merge_lora(self.unet)
+
+    def unload_lora_weights(self) -> None:
+        """Drop the loaded (unfused) LoRA: the UNet is the base model again."""
+        remove_lora(self.unet)
 
     # ---- where the networks live -------------------------------------------------------------------------------------
 

@@ -302,3 +302,20 @@ CLIP_IGNORED_PREFIXES = [("text_model.", "CLIP's text tower; " + _NOT_THE_TOWER)
 CLIP_IGNORED = [("text_projection.weight", _NOT_THE_TOWER), ("visual_projection.weight", _NOT_THE_TOWER),
                 ("logit_scale", _NOT_THE_TOWER), ("vision_model.embeddings.position_ids", _POSITION_IDS),
                 ("embeddings.position_ids", _POSITION_IDS)]
+
+# ---- LoRA files of diffusers and peft, for the UNet's attention projections ------------------------------------------
+# The spellings of one low-rank pair (down [rank, in], up [out, rank]) in their files, newest first. `{module}`: their
+# projection's path from `diffusers_unet_rules` (`...attn1.to_q`, `...attn1.to_out.0`); `{attention}` and `{name}`: its
+# attention's path and the projection's short name (`to_q`, ..., `to_out`), which the attention processors used.
+DIFFUSERS_LORA_PAIRS = (
+    ("{module}.lora_A.weight", "{module}.lora_B.weight"),  # peft, diffusers >= 0.22 (`save_lora_weights`)
+    ("{module}.lora.down.weight", "{module}.lora.up.weight"),  # LoRACompatibleLinear, diffusers 0.21
+    ("{attention}.processor.{name}_lora.down.weight", "{attention}.processor.{name}_lora.up.weight"),  # < 0.21
+)
+# The prefix diffusers' pipelines give the UNet's entries (`unet.down_blocks...`); files of a bare UNet have none.
+DIFFUSERS_LORA_PREFIX = "unet."
+# A text encoder's entries: Paint by Example has no text encoder, so a file holding them is refused, named.
+DIFFUSERS_LORA_TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
+# Where diffusers' `save_lora_weights` keeps the adapters' config (peft's LoraConfig as JSON: `r`, `lora_alpha`, under
+# `unet.` in a pipeline's file); without it, diffusers and peft take alpha = rank (scale 1).
+DIFFUSERS_LORA_METADATA_KEY = "lora_adapter_metadata"
