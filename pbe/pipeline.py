@@ -238,7 +238,7 @@ class PaintByExample:
         if isinstance(scheduler, str):
             scheduler = make_scheduler(scheduler, self.scheduler_config)
         sched = scheduler or self.scheduler
-        sched.start(num_inference_steps)  # refuses steps > the scheduler's training steps before any work
+        sched.check_steps(num_inference_steps)  # the counts this sampler and config can run, before any work
         n, guided = num_images_per_prompt, guidance_scale > 1.0
         denoise = dict(guidance_scale=guidance_scale, eta=eta, generator=generator, callback=callback,
                        callback_steps=callback_steps, progress=progress)

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, noise_like, spaced_timesteps
+from .base import (
+    _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, noise_like, spaced_timesteps, timesteps_problem,
+)
 
 
 class _AlphaRun(Run):
@@ -56,6 +58,9 @@ class DDIMScheduler(Scheduler):
     def _start(self, n: int) -> Run:
         timesteps = torch.from_numpy(spaced_timesteps(self.config, n).round().astype(np.int64))
         return DDIMRun(self, timesteps, num_inference_steps=n)
+
+    def _steps_problem(self, n: int) -> str | None:
+        return timesteps_problem(spaced_timesteps(self.config, n).round(), self.config.num_train_timesteps)
 
 
 class DDIMRun(_AlphaRun):
@@ -115,9 +120,6 @@ class PNDMScheduler(Scheduler):
             # model runs n + 1 times): the first step is taken twice, the second time with a better noise estimate.
             timesteps = np.concatenate([spaced[:2], spaced[1:]])
         else:
-            if n < 4:
-                raise ValueError(f"num_inference_steps: PNDM's Runge-Kutta warm-up (skip_prk_steps=False) needs at "
-                                 f"least 4 steps, got {n}")
             # The first three steps by Runge-Kutta, each at t, t - d/2, t - d/2, t - d (d = T // n, halved rounding
             # down), then PLMS from the fourth timestep: n + 9 model calls.
             half = self.config.num_train_timesteps // n // 2
@@ -126,6 +128,12 @@ class PNDMScheduler(Scheduler):
             prk = np.repeat(prk, 2)[1:-1][::-1]
             timesteps = np.concatenate([prk, spaced[3:]])
         return PNDMRun(self, torch.from_numpy(timesteps.astype(np.int64)), num_inference_steps=n)
+
+    def _steps_problem(self, n: int) -> str | None:
+        if not self.config.skip_prk_steps and n < 4:
+            return "PNDM's Runge-Kutta warm-up (skip_prk_steps=False) needs at least 4 steps"
+        # The Runge-Kutta timesteps lie between the spaced ones: checking these is enough.
+        return timesteps_problem(spaced_timesteps(self.config, n).round(), self.config.num_train_timesteps)
 
 
 class PNDMRun(_AlphaRun):

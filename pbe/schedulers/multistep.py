@@ -23,7 +23,7 @@ import torch
 
 from .base import (
     _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, karras_sigmas, sigma_to_t, sigmas_at,
-    spaced_timesteps, train_sigmas,
+    sigmas_problem, spaced_timesteps, timesteps_problem, train_sigmas,
 )
 
 
@@ -33,13 +33,23 @@ class _MultistepScheduler(Scheduler):
     _run: type[MultistepRun]
     _round_karras_timesteps: bool  # DPM-Solver rounds the Karras timesteps except for "squaredcos_cap_v2"; UniPC always
 
-    def _start(self, n: int) -> Run:
+    def _spaced(self, n: int) -> np.ndarray:
         if self.config.timestep_spacing == "trailing":
             timesteps = spaced_timesteps(self.config, n)
         else:
             # Reference quirk: n + 1 points from T-1 (or the leading grid) down to 0, and the last one (t ~ 0) dropped.
             timesteps = spaced_timesteps(self.config, n + 1)[:-1]
-        timesteps = timesteps.round().astype(np.int64)
+        return timesteps.round().astype(np.int64)
+
+    def _steps_problem(self, n: int) -> str | None:
+        if self.config.use_karras_sigmas:
+            return None  # Karras sigmas over the whole training range: distinct, at timesteps inside it
+        timesteps = self._spaced(n)
+        return (timesteps_problem(timesteps, self.config.num_train_timesteps)
+                or sigmas_problem(timesteps, sigmas_at(timesteps, train_sigmas(self.alphas_cumprod))))
+
+    def _start(self, n: int) -> Run:
+        timesteps = self._spaced(n)
         train = train_sigmas(self.alphas_cumprod)
         if self.config.use_karras_sigmas:
             # Karras et al. (arXiv 2206.00364) eq. 5 over the whole training range, then the nearest timesteps.

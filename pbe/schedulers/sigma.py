@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .base import (
-    _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, karras_sigmas, noise_like, sigma_to_t, sigmas_at, spaced_timesteps,
-    train_sigmas,
+    _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, karras_sigmas, noise_like, sigma_to_t, sigmas_at,
+    sigmas_problem, spaced_timesteps, timesteps_problem, train_sigmas,
 )
 
 LMS_ORDER = 4  # how many past derivatives the LMS rule combines
@@ -31,6 +31,7 @@ class _SigmaScheduler(Scheduler):
     """Timesteps and sigmas of the sigma-space samplers (diffusers' shared `set_timesteps`)."""
 
     _run: type[SigmaRun]
+    _divides_by_sigma_steps: bool = False  # LMS: its Lagrange coefficients divide by differences of sigmas
 
     def _start(self, n: int) -> Run:
         timesteps = spaced_timesteps(self.config, n).astype(np.float32)
@@ -47,6 +48,19 @@ class _SigmaScheduler(Scheduler):
         init = sigma_max if self.config.timestep_spacing != "leading" else (sigma_max**2 + 1) ** 0.5
         return self._run(self, torch.from_numpy(timesteps.astype(np.float32)), num_inference_steps=n,
                          init_noise_sigma=float(init), sigmas=sigmas)
+
+    def _steps_problem(self, n: int) -> str | None:
+        timesteps = spaced_timesteps(self.config, n).astype(np.float32)
+        sigmas = sigmas_at(timesteps, train_sigmas(self.alphas_cumprod))
+        if self.config.get("use_karras_sigmas", False):
+            # The model runs at the timesteps of the Karras sigmas, which lie inside the training range; these are
+            # distinct unless the spaced run's end points share a sigma.
+            return sigmas_problem(timesteps[[0, -1]], sigmas[[0, -1]]) if n > 1 and self._divides_by_sigma_steps \
+                else None
+        problem = timesteps_problem(timesteps, self.config.num_train_timesteps)
+        if problem is None and self._divides_by_sigma_steps:
+            problem = sigmas_problem(timesteps, sigmas)
+        return problem
 
 
 class SigmaRun(Run):
@@ -121,6 +135,7 @@ class LMSScheduler(_SigmaScheduler):
         "steps_offset": 0,
     }
     _run = LMSRun
+    _divides_by_sigma_steps = True
     IMPLEMENTED = {"beta_schedule": BETA_SCHEDULES, "timestep_spacing": SPACINGS, "use_exponential_sigmas": (False,),
                    "use_beta_sigmas": (False,), "prediction_type": ("epsilon", "sample", "v_prediction")}
     multistep_order = 4  # how many past derivatives the multistep rule combines
