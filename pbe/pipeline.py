@@ -34,7 +34,7 @@ from . import images as imageio
 from .loading import DEFAULT_REPO, PaintByExampleNetworks, load, resolve_checkpoint
 from .memory import reuse_freed_memory
 from .model import AutoencoderKL, ImageEncoder, PaintByExampleConfig, UNet
-from .model.noise import randn
+from .model.noise import Generators, randn
 from .schedulers import Run, Scheduler, make_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -196,7 +196,7 @@ class PaintByExample:
         guidance_scale: float = 5.0,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         scheduler: Scheduler | str | None = None,
@@ -216,7 +216,9 @@ class PaintByExample:
         Inputs are PIL images (or lists of them), numpy arrays or tensors, with diffusers' meaning: a tensor image is
         in [-1, 1], a tensor mask in [0, 1] with 1 = repaint, a tensor example is already CLIP-normalised. One example
         may serve a whole batch. ``keep_unmasked`` pastes the input back outside the mask (softened by ``mask_blur``
-        pixels); sides that are not multiples of 8 are padded and cropped back.
+        pixels); sides that are not multiples of 8 are padded and cropped back. ``generator`` may be one generator or,
+        as in diffusers, a list of one per image painted (images x ``num_images_per_prompt``): image i's noise then
+        comes from generator i (the masked image's latent sample of image i < len(image) too, as diffusers draws it).
 
         Large pictures: when the longer side exceeds ``hd_trigger`` pixels, ``hd_strategy="crop"`` paints one box per
         mask region (grown by ``hd_margin`` pixels of context) scaled so its longer side is ``resolution``;
@@ -244,6 +246,7 @@ class PaintByExample:
                        callback_steps=callback_steps, progress=progress)
 
         inputs = self._prepare_inputs(image, mask_image)
+        _check_generator(generator, inputs.batch, n)
         size = inputs.original_size
         keep_mask = imageio.crop(inputs.keep_mask, size)
         items = regions.plan(size, 1 - keep_mask, strategy=hd_strategy, resolution=resolution, trigger=hd_trigger,
@@ -338,7 +341,7 @@ class PaintByExample:
         return cond.to(*_placement(self.unet))
 
     def _initial_latents(self, inputs: PreparedInputs, n: int, init_noise_sigma: float, *,
-                         generator: torch.Generator | None, latents: torch.Tensor | None) -> torch.Tensor:
+                         generator: Generators, latents: torch.Tensor | None) -> torch.Tensor:
         """Stage 4, denoising, its starting point. Random draw 1: unit Gaussian noise (or the caller's ``latents``)
         times ``init_noise_sigma``, in the UNet's dtype and on its device."""
         device, dtype = _placement(self.unet)
@@ -352,7 +355,7 @@ class PaintByExample:
         return latents.to(device, dtype) * init_noise_sigma
 
     def _masked_image_latents(self, inputs: PreparedInputs, n: int, *,
-                              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                              generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 4, denoising, what conditions every step: the masked image's latent and the latent-size keep mask.
 
         Random draw 2: the latent is a sample of the autoencoder's posterior, not its mean, drawn in the autoencoder's
@@ -377,7 +380,7 @@ class PaintByExample:
         context: torch.Tensor,
         guidance_scale: float,
         eta: float,
-        generator: torch.Generator | None,
+        generator: Generators,
         callback: Callback | None,
         callback_steps: int,
         progress: bool,
@@ -436,6 +439,18 @@ def _not_finite(step: int, steps: int, timestep: int, guidance_scale: float, dty
                       else f"the precision {dtype} (try fp32)")
     return RuntimeError(f"the latents hold NaN or inf after denoising step {step + 1} of {steps} (timestep "
                         f"{timestep}); look at " + ", or ".join(causes))
+
+
+def _check_generator(generator: Generators, batch: int, n: int) -> None:
+    """Refuse, before any network runs, a generator that is not one, or a list of them of the wrong length."""
+    generators = generator if isinstance(generator, (list, tuple)) else [generator]
+    for one in generators:
+        if not isinstance(one, torch.Generator) and not (one is None and generator is None):
+            raise TypeError(f"generator: expected a torch.Generator, a list of one per image or None, got "
+                            f"{type(one).__name__}")
+    if isinstance(generator, (list, tuple)) and len(generator) != batch * n:
+        raise ValueError(f"generator: expected a list of {batch * n} generators, one per image painted ({batch} "
+                         f"image(s) x num_images_per_prompt {n}), got {len(generator)}")
 
 
 def _check_hd_arguments(strategy: str, resolution: int, trigger: int, margin: int) -> None:

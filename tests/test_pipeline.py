@@ -444,3 +444,23 @@ def test_a_nan_weight_stops_at_the_first_step_and_names_the_weights() -> None:
     with pytest.raises(RuntimeError,
                        match=r"after denoising step 1 of 3 \(timestep 501\); look at the weights \(a corrupt"):
         _paint(poisoned, _picture(40, 48, 1), _mask(40, 48))
+
+
+def test_a_list_of_generators_of_the_wrong_length_is_refused_before_any_network_runs(pipe, monkeypatch) -> None:
+    """One generator per image painted (images x num_images_per_prompt), as diffusers' pipeline asks; a lone
+    generator in a list of one is that generator. Refused before the example is encoded."""
+    monkeypatch.setattr(pipe, "encode_example", lambda *a: pytest.fail("encoded before refusing"))
+    image, mask = _picture(40, 48, 1), _mask(40, 48)
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    with pytest.raises(ValueError, match=r"^generator: expected a list of 2 generators, one per image painted \(1 "
+                                         r"image\(s\) x num_images_per_prompt 2\), got 3$"):
+        _paint(pipe, image, mask, generator=generators, num_images_per_prompt=2)
+    with pytest.raises(ValueError, match=r"^generator: expected a list of 4 generators.*got 1$"):
+        _paint(pipe, [image, image], [mask, mask], generator=generators[:1], num_images_per_prompt=2)
+    with pytest.raises(TypeError, match="^generator: expected a torch.Generator, a list of one per image or None, "
+                                        "got int$"):
+        _paint(pipe, image, mask, generator=[generators[0], 7], num_images_per_prompt=2)
+    monkeypatch.undo()
+    alone = _paint(pipe, image, mask, generator=torch.Generator().manual_seed(4), output_type="np")
+    listed = _paint(pipe, image, mask, generator=[torch.Generator().manual_seed(4)], output_type="np")
+    np.testing.assert_array_equal(alone, listed)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..model.noise import Generators
 from .base import (
     _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, noise_like, spaced_timesteps, timesteps_problem,
 )
@@ -65,7 +66,7 @@ class DDIMScheduler(Scheduler):
 
 class DDIMRun(_AlphaRun):
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """One DDIM step t -> t - T // n (Song et al. 2020, eq. 12); noise for eta > 0 comes from `generator`."""
         t = int(self.timesteps[i])
         alpha_t, alpha_prev = self._alpha_bar(t), self._alpha_bar(t - self._stride)
@@ -146,7 +147,7 @@ class PNDMRun(_AlphaRun):
         self.rk_sum: torch.Tensor | float = 0  # the Runge-Kutta weighted sum of this step's noise predictions
 
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """One PLMS (or Runge-Kutta) step (`eta` and `generator` are ignored: PNDM is deterministic)."""
         if not self.config.skip_prk_steps and i < self.PRK_CALLS:
             return self._runge_kutta(i, model_output, sample)

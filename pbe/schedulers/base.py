@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from ..model.noise import randn
+from ..model.noise import Generators, randn
 
 Timestep = int | float | torch.Tensor  # a python number or a 0-d tensor taken from `run.timesteps`
 S = TypeVar("S", bound="Scheduler")
@@ -189,7 +189,7 @@ class Run:
         return sample
 
     def step(self, model_output: torch.Tensor, t: Timestep, sample: torch.Tensor, *, eta: float = 0.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: Generators = None) -> torch.Tensor:
         """The sample at the next timestep, given the model's prediction `model_output` for `sample` at `t`.
 
         `eta` is DDIM's noise scale (ignored by the others); `generator` serves the samplers that draw noise.
@@ -200,7 +200,7 @@ class Run:
         return prev_sample
 
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         raise NotImplementedError
 
     def _due(self, t: Timestep) -> int:
@@ -333,6 +333,6 @@ def sigma_to_t(sigma: np.ndarray, train: np.ndarray) -> np.ndarray:
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
-def noise_like(like: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def noise_like(like: torch.Tensor, generator: Generators, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fresh N(0, 1) noise shaped like `like`, drawn by pbe's one rule (`pbe.model.noise.randn`)."""
     return randn(like.shape, generator=generator, device=like.device, dtype=dtype or like.dtype)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..model.noise import Generators
 from .base import (
     _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, karras_sigmas, sigma_to_t, sigmas_at,
     sigmas_problem, spaced_timesteps, timesteps_problem, train_sigmas,
@@ -87,7 +88,7 @@ class MultistepRun(Run):
 
 class DPMSolverRun(MultistepRun):
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """With r = h_{i-1} / h_i and D = x_0 predictions (Lu et al. 2022, Algorithm 2, "midpoint"):
 
             x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) (D_i + (D_i - D_{i-1}) / (2 r))
@@ -164,7 +165,7 @@ class UniPCRun(MultistepRun):
         self.last_order = 0  # the order of the previous prediction
 
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """Correct the sample predicted last step with this step's model output (UniC), then predict the next one
         (UniP): order 1 at the first step and the last, 2 in between."""
         x0 = self._pred_x0(i, model_output, sample)  # from the uncorrected sample, as diffusers

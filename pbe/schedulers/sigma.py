@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..model.noise import Generators
 from .base import (
     _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, karras_sigmas, noise_like, sigma_to_t, sigmas_at,
     sigmas_problem, spaced_timesteps, timesteps_problem, train_sigmas,
@@ -92,7 +93,7 @@ class LMSRun(SigmaRun):
         self.derivatives: list[torch.Tensor] = []  # dx/dsigma at the last (up to 4) timesteps, oldest first
 
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """x_{i+1} = x_i + sum_j c_j d_{i-j},  c_j = integral over [sigma_i, sigma_{i+1}] of the Lagrange basis
         polynomial that is 1 at sigma_{i-j} and 0 at the other history sigmas (the order grows 1, 2, 3, 4)."""
         sigma = self.sigmas[i]
@@ -143,7 +144,7 @@ class LMSScheduler(_SigmaScheduler):
 
 class EulerRun(SigmaRun):
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i,  d_i = (x_i - x_0) / sigma_i."""
         sample = sample.to(torch.float32)  # Reference quirk: the step runs in float32 whatever the sample's dtype
         sigma = self.sigmas[i]
@@ -180,7 +181,7 @@ class EulerScheduler(_SigmaScheduler):
 
 class EulerAncestralRun(SigmaRun):
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2,  sigma_down^2 = sigma_next^2 - sigma_up^2;
         x_{i+1} = x_i + (sigma_down - sigma) d_i + sigma_up z,  z ~ N(0, I) from `generator` (every step, the last
         one included, whose sigma_up is 0: diffusers draws it too)."""
