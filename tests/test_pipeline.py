@@ -464,3 +464,14 @@ def test_a_list_of_generators_of_the_wrong_length_is_refused_before_any_network_
     alone = _paint(pipe, image, mask, generator=torch.Generator().manual_seed(4), output_type="np")
     listed = _paint(pipe, image, mask, generator=[torch.Generator().manual_seed(4)], output_type="np")
     np.testing.assert_array_equal(alone, listed)
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (5, 3), (8, 8)])
+def test_pictures_of_8_pixels_and_less_are_painted_at_their_size(pipe, height: int, width: int) -> None:
+    """Below 8x8 the picture is padded to one latent pixel and cropped back; guided and unguided (a batch-1 UNet call
+    on a 1x1 map: see test_pipeline_parity.py::test_an_8x8_picture_paints_as_diffusers_paints_it)."""
+    image = _picture(height, width, 2)
+    mask = PIL.Image.fromarray(np.full((height, width), 255, np.uint8))
+    for guidance_scale in (5.0, 1.0):
+        result = _paint(pipe, image, mask, output_type="np", guidance_scale=guidance_scale)
+        assert result.shape == (1, height, width, 3) and np.isfinite(result).all()

@@ -237,3 +237,23 @@ def test_image_i_with_generator_i_is_the_lone_run_with_it_where_diffusers_says_s
     assert generation_error("latents", lone_theirs[0], theirs[1]) > 1e-3  # diffusers says not
     assert generation_error("latents", lone_ours[0], ours[1]) > 1e-3
     assert generation_error("latents", ours, theirs) <= 1e-4
+
+
+@torch.no_grad()
+def test_an_8x8_picture_paints_as_diffusers_paints_it(float32_pipes) -> None:
+    """8x8 pixels is a 1x1 latent: on the tiny stand-in (one channel per norm group) pbe's batch-1 UNet call met
+    F.group_norm's training guard ("more than 1 value per channel") where diffusers' guided batch of 2 does not; the
+    norm of a lone value is well defined, and the result is diffusers'."""
+    ours, theirs = float32_pipes
+    theirs.scheduler = load_script("make_reference_tensors").reference_scheduler("pndm")
+    rng = np.random.default_rng(3)
+    image = PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    mask = PIL.Image.fromarray(np.full((8, 8), 255, np.uint8))
+    example = PIL.Image.fromarray(SAMPLERS["pipeline.inputs.example"].numpy())
+    for output_type, key in (("np", "images"), ("latent", "latents")):
+        expected = torch.as_tensor(theirs(image=image, mask_image=mask, example_image=example, num_inference_steps=2,
+                                          generator=torch.Generator().manual_seed(0), output_type=output_type).images)
+        result = torch.as_tensor(ours(example, image, mask, num_inference_steps=2, progress=False,
+                                      generator=torch.Generator().manual_seed(0), output_type=output_type).images)
+        assert result.shape == expected.shape
+        assert generation_error(key, result, expected) <= 1e-4, key
