@@ -31,7 +31,7 @@ from weights_convert import command as convert_command
 from . import __version__, batch, devices, images, regions
 from .batch import OUTPUT_FORMATS, save_image
 from .checkpoint import DTYPES
-from .errors import COMMAND_ERRORS, error_line
+from .errors import COMMAND_ERRORS, error_line, sigterm_as_interrupt
 from .loading import DEFAULT_REPO
 from .pipeline import PaintByExample
 from .schedulers import SCHEDULERS, Scheduler, make_scheduler
@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             return convert_command.run(args)
         if args.command == "batch":
             return _batch(args)
-        return _paint(args)
+        with sigterm_as_interrupt():  # a SIGTERM while loading or denoising ends the run as Ctrl-C does
+            return _paint(args)
     except COMMAND_ERRORS as err:
         print(error_line(err), file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1

@@ -343,3 +343,38 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
     with pytest.raises(OSError, match="No space left"):
         pbe.batch.save_image(Image.new("RGB", (8, 8)), out)
     assert folder_files(tmp_path) == set()
+
+
+def test_sigterm_during_denoising_ends_like_ctrl_c_and_leaves_nothing(tmp_path, inputs) -> None:
+    """`pbe paint` handles SIGTERM as Ctrl-C (README): sent once the progress bar shows a step, the run ends with
+    "interrupted" and exit status 130, and no output (nor a partial one) is left."""
+    import re
+    import signal
+    import threading
+    import time
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = paint_args(inputs, out_dir / "out.png", HUB, "--steps", "900", "--device", "cpu", "--dtype", "fp32")
+    environment = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.Popen([sys.executable, "-m", "pbe", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=environment)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not re.search(rb"denoising: .*\| *[1-9][0-9]*/9", b"".join(chunks)):
+            assert proc.poll() is None and time.monotonic() < deadline, b"".join(chunks).decode()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        reader.join()
+        proc.stdout.close()
+        proc.stderr.close()
+    err = b"".join(chunks).decode()
+    assert proc.returncode == 130, err
+    assert err.endswith("interrupted\n") and "Traceback" not in err, err
+    assert list(out_dir.iterdir()) == []
