@@ -216,8 +216,10 @@ class PaintByExample:
         Inputs are PIL images (or lists of them), numpy arrays or tensors, with diffusers' meaning: a tensor image is
         in [-1, 1], a tensor mask in [0, 1] with 1 = repaint, a tensor example is already CLIP-normalised. One example
         may serve a whole batch. ``keep_unmasked`` pastes the input back outside the mask (softened by ``mask_blur``
-        pixels); sides that are not multiples of 8 are padded and cropped back. ``generator`` may be one generator or,
-        as in diffusers, a list of one per image painted (images x ``num_images_per_prompt``): image i's noise then
+        pixels: refused without it, as ``pbe paint`` refuses it). ``eta`` (DDIM's noise, ignored by the other samplers)
+        must be finite, >= 0, and at most DDIM's ``run.max_eta`` for the step count (diffusers gives NaN beyond).
+        Sides that are not multiples of 8 are padded and cropped back. ``generator`` may be one generator or, as in
+        diffusers, a list of one per image painted (images x ``num_images_per_prompt``): image i's noise then
         comes from generator i (the masked image's latent sample of image i < len(image) too, as diffusers draws it).
 
         Large pictures: when the longer side exceeds ``hd_trigger`` pixels, ``hd_strategy="crop"`` paints one box per
@@ -235,12 +237,17 @@ class PaintByExample:
                 look: the weights, the guidance scale, the precision).
         """
         self._check_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, output_type, callback_steps,
-                              keep_unmasked, mask_blur, unsupported)
+                              keep_unmasked, mask_blur, unsupported, eta=eta)
         _check_hd_arguments(hd_strategy, resolution, hd_trigger, hd_margin)
         if isinstance(scheduler, str):
             scheduler = make_scheduler(scheduler, self.scheduler_config)
         sched = scheduler or self.scheduler
         sched.check_steps(num_inference_steps)  # the counts this sampler and config can run, before any work
+        max_eta = sched.start(num_inference_steps).max_eta
+        if eta > max_eta:
+            raise ValueError(f"eta: expected at most {max_eta:.4f} for {sched.diffusers_name} with "
+                             f"{num_inference_steps} steps (beyond it a step's noise outweighs its whole noise "
+                             f"budget: the square root of a negative number, NaN), got {eta!r}")
         n, guided = num_images_per_prompt, guidance_scale > 1.0
         denoise = dict(guidance_scale=guidance_scale, eta=eta, generator=generator, callback=callback,
                        callback_steps=callback_steps, progress=progress)
@@ -288,7 +295,7 @@ class PaintByExample:
 
     @staticmethod
     def _check_arguments(steps: int, guidance: float, n: int, output_type: str, callback_steps: int,
-                         keep_unmasked: bool, mask_blur: float, unsupported: dict[str, Any]) -> None:
+                         keep_unmasked: bool, mask_blur: float, unsupported: dict[str, Any], *, eta: float) -> None:
         """Stage 1: refuse bad arguments before any work, each error naming its argument."""
         refused = sorted(unsupported.keys() & REFUSED_ARGUMENTS.keys())
         if refused:
@@ -302,14 +309,22 @@ class PaintByExample:
             raise ValueError(f"num_images_per_prompt: expected a positive integer, got {n!r}")
         if not np.isfinite(guidance):
             raise ValueError(f"guidance_scale: expected a finite number, got {guidance!r}")
+        if not np.isfinite(eta) or eta < 0:
+            # DDIM's sigma_t = eta * sqrt(...) is a standard deviation: a negative eta would drop the step's noise yet
+            # still shrink its direction term (diffusers computes that without a word).
+            raise ValueError(f"eta: expected a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if not isinstance(callback_steps, int) or callback_steps < 1:
             raise ValueError(f"callback_steps: expected a positive integer, got {callback_steps!r}")
         if keep_unmasked and output_type == "latent":
             raise ValueError("keep_unmasked: pasting pixels back needs decoded images, not output_type='latent'")
-        if mask_blur < 0:
+        if not np.isfinite(mask_blur) or mask_blur < 0:
             raise ValueError(f"mask_blur: expected a radius >= 0, got {mask_blur!r}")
+        if mask_blur > 0 and not keep_unmasked:
+            # As `pbe paint`, which refuses --mask-blur without --keep-unmasked: the blur feathers that paste-back.
+            raise ValueError(f"mask_blur: applies only with keep_unmasked=True (it feathers the paste-back of the "
+                             f"input), got mask_blur={mask_blur!r} with keep_unmasked={keep_unmasked!r}")
 
     @staticmethod
     def _prepare_inputs(image: Any, mask_image: Any) -> PreparedInputs:

@@ -145,8 +145,10 @@ def test_denoising_loop_and_only_it_reuses_freed_memory(pipe, monkeypatch) -> No
         ({"latents": torch.zeros(1, 4, 3, 3)}, r"latents: expected shape \[1, 4, 5, 6\]"),
         ({"num_inference_steps": 1001},
          r"num_inference_steps: expected an integer from 1 to 999 for PNDMScheduler\(.*\), got 1001"),
-        ({"num_inference_steps": 1000}, "num_inference_steps: .* got 1000: it would evaluate the model at timestep 1000"),
-        ({"num_inference_steps": 999, "scheduler": "dpmpp-2m"}, r"from 1 to 998 for DPMSolverMultistepScheduler.*got 999"),
+        ({"num_inference_steps": 1000},
+         "num_inference_steps: .* got 1000: it would evaluate the model at timestep 1000"),
+        ({"num_inference_steps": 999, "scheduler": "dpmpp-2m"},
+         r"from 1 to 998 for DPMSolverMultistepScheduler.*got 999"),
         ({"hd_strategy": "tile"}, "hd_strategy: expected one of crop, resize, original, got 'tile'"),
         ({"resolution": 500}, "resolution: expected a positive multiple of 8"),
         ({"hd_trigger": 0}, "hd_trigger: expected a positive integer"),
@@ -475,3 +477,46 @@ def test_pictures_of_8_pixels_and_less_are_painted_at_their_size(pipe, height: i
     for guidance_scale in (5.0, 1.0):
         result = _paint(pipe, image, mask, output_type="np", guidance_scale=guidance_scale)
         assert result.shape == (1, height, width, 3) and np.isfinite(result).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"eta": float("nan")},
+         r"^eta: expected a finite number >= 0 \(0: deterministic DDIM, 1: DDPM-like\), got nan$"),
+        ({"eta": float("inf"), "scheduler": "ddim"}, r"^eta: expected a finite number >= 0 .*got inf$"),
+        ({"eta": -0.5, "scheduler": "ddim"}, r"^eta: expected a finite number >= 0 .*got -0.5$"),
+        ({"eta": 1.1, "scheduler": "ddim", "num_inference_steps": 5},
+         r"^eta: expected at most 1.0026 for DDIMScheduler with 5 steps .*NaN\), got 1.1$"),
+        ({"guidance_scale": float("-inf")}, r"^guidance_scale: expected a finite number, got -inf$"),
+        ({"mask_blur": float("nan"), "keep_unmasked": True}, r"^mask_blur: expected a radius >= 0, got nan$"),
+        ({"mask_blur": 2.0}, r"^mask_blur: applies only with keep_unmasked=True \(it feathers the paste-back of the "
+                             r"input\), got mask_blur=2.0 with keep_unmasked=False$"),
+    ],
+)
+def test_bad_float_options_are_refused_before_any_network_runs(pipe, monkeypatch, kwargs, message) -> None:
+    """As `pbe paint` refuses them (--mask-blur without --keep-unmasked, --guidance nan), and eta, which the CLI does
+    not take: non-finite, negative, or (DDIM) so large that a step's noise exceeds its budget (diffusers: NaN)."""
+    monkeypatch.setattr(pipe, "encode_example", lambda *a: pytest.fail("encoded before refusing"))
+    with pytest.raises(ValueError, match=message):
+        _paint(pipe, _picture(40, 48, 1), _mask(40, 48), **kwargs)
+
+
+def test_ddim_eta_limit_is_where_diffusers_turns_to_nan() -> None:
+    """Scheduler-only DDIM runs in diffusers from the test hub's config: at pbe's largest eta the result is finite,
+    a little above it NaN; pbe refuses only the latter (and eta is ignored by the other samplers, as in diffusers)."""
+    diffusers = pytest.importorskip("diffusers")
+    from pbe.schedulers import make_scheduler
+
+    source = diffusers.PNDMScheduler.from_pretrained(HUB, subfolder="scheduler")
+    for steps in (5, 50):
+        limit = make_scheduler("ddim", dict(source.config)).start(steps).max_eta
+        for eta, finite in ((limit - 1e-4, True), (limit + 1e-3, False)):
+            sched = diffusers.DDIMScheduler.from_config(source.config)
+            sched.set_timesteps(steps)
+            x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+            generator = torch.Generator().manual_seed(1)
+            for t in sched.timesteps:
+                x = sched.step(torch.sin(x), t, x, eta=eta, generator=generator).prev_sample
+            assert bool(torch.isfinite(x).all()) is finite, (steps, eta)
+    assert make_scheduler("pndm").start(5).max_eta == float("inf")

@@ -178,7 +178,7 @@ def test_every_sampler_generates_on_a_device_that_is_not_the_cpu(sampler: str) -
     assert latents.shape == SAMPLERS["pipeline.lms.guided.latents"].shape  # the inputs' size in every case
 
 
-# ---- one generator per image (issue 15) -------------------------------------------------------------------------------
+# ---- one generator per image (issue 15) -----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

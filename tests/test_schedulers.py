@@ -171,8 +171,8 @@ def test_error_messages() -> None:
     for bad in (0, -1, 1001, 2.5, True):
         with pytest.raises(ValueError, match="num_inference_steps"):
             make_scheduler("pndm").start(bad)
-    with pytest.raises(ValueError, match="num_inference_steps: expected an integer from 4 to 1000 .*got 3: PNDM's Runge-Kutta "
-                                         "warm-up .* at least 4 steps"):
+    with pytest.raises(ValueError, match="num_inference_steps: expected an integer from 4 to 1000 .*got 3: PNDM's "
+                                         "Runge-Kutta warm-up .* at least 4 steps"):
         PNDMScheduler().start(3)
     this = make_scheduler("lms").start(10)
     with pytest.raises(ValueError, match="in order"):
@@ -278,7 +278,7 @@ def test_whole_pipeline_matches_diffusers(pipe, diffusers_pipe, case: str) -> No
         assert err <= tolerance, f"{case} {key}: off by {err:.3g}"
 
 
-# ---- the step counts each sampler can run (issue 15) ------------------------------------------------------------------
+# ---- the step counts each sampler can run (issue 15) ----------------------------------------------------------------
 
 
 def _diffusers_outcome(script, name: str, source, steps: int) -> tuple[str, torch.Tensor | None]:  # noqa: ANN001
@@ -304,7 +304,8 @@ def _diffusers_outcome(script, name: str, source, steps: int) -> tuple[str, torc
 
 @pytest.fixture(scope="module")
 def diffusers_sources():  # noqa: ANN201
-    """The hub's scheduler (no timestep_spacing in its file) and the test hub's, loaded by diffusers' from_pretrained."""
+    """The hub's scheduler (no timestep_spacing in its file) and the test hub's, loaded by diffusers'
+    from_pretrained."""
     pytest.importorskip("diffusers")
     script = load_script("make_scheduler_references")
     return script, script.source_schedulers()

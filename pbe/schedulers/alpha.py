@@ -10,6 +10,7 @@ Both step from t to t - T // n whatever the spacing (diffusers' rule), and the s
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,17 @@ class DDIMScheduler(Scheduler):
 
 
 class DDIMRun(_AlphaRun):
+    @property
+    def max_eta(self) -> float:
+        """The largest eta for which 1 - alpha_bar_prev - sigma_t^2 >= 0 at every step (else the direction term is the
+        square root of a negative number): eta^2 <= (1 - alpha_bar_t) / (1 - alpha_bar_t / alpha_bar_prev)."""
+        bounds = []
+        for t in self.timesteps.tolist():
+            alpha_t, alpha_prev = self._alpha_bar(t), self._alpha_bar(t - self._stride)
+            if alpha_t < alpha_prev:  # else the step adds no noise (sigma_t = 0) whatever eta is
+                bounds.append(((1 - alpha_t) / (1 - alpha_t / alpha_prev)).item() ** 0.5)
+        return min(bounds, default=math.inf)
+
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
               generator: Generators) -> torch.Tensor:
         """One DDIM step t -> t - T // n (Song et al. 2020, eq. 12); noise for eta > 0 comes from `generator`."""

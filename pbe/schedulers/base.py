@@ -183,6 +183,11 @@ class Run:
         self.init_noise_sigma = init_noise_sigma
         self.step_index = 0  # index into `timesteps` of the step due next
 
+    @property
+    def max_eta(self) -> float:
+        """The largest `eta` every step of this run can take (DDIM's; the others ignore eta: infinity)."""
+        return math.inf
+
     def scale_model_input(self, sample: torch.Tensor, t: Timestep) -> torch.Tensor:
         """The model's input for `sample` at `t` (the sample itself, except for the sigma-space samplers)."""
         self._due(t)
