@@ -56,8 +56,9 @@ class _SigmaScheduler(Scheduler):
         if self.config.get("use_karras_sigmas", False):
             # The model runs at the timesteps of the Karras sigmas, which lie inside the training range; these are
             # distinct unless the spaced run's end points share a sigma.
-            return sigmas_problem(timesteps[[0, -1]], sigmas[[0, -1]]) if n > 1 and self._divides_by_sigma_steps \
-                else None
+            if n == 1 or not self._divides_by_sigma_steps:
+                return None
+            return sigmas_problem(timesteps[[0, -1]], sigmas[[0, -1]])
         problem = timesteps_problem(timesteps, self.config.num_train_timesteps)
         if problem is None and self._divides_by_sigma_steps:
             problem = sigmas_problem(timesteps, sigmas)
