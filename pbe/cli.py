@@ -3,7 +3,7 @@ one model load (restartable; ``torchrun`` spreads it over processes), ``pbe conv
 ``pbe merge-lora CHECKPOINT LORA -o OUT`` folds a LoRA file into one.
 
 ``paint`` and ``batch`` share their painting options (one definition: ``_add_paint_options``) and check them the same
-way, before anything loads: ranges (``--steps`` against the scheduler's training steps, ...), outputs that would
+way, before anything loads: ranges (``--steps`` against the counts the sampler can run, ...), outputs that would
 overwrite an input, an output folder that is missing or cannot be written. They print, on stderr, the device and dtype
 they run on (``auto``, the default, resolved: see pbe.devices) and the command line that repeats the run (its seed,
 device and dtype included), then the progress bar. Outputs are written atomically (a temporary file in the same
@@ -38,7 +38,7 @@ from .checkpoint import DTYPES
 from .errors import COMMAND_ERRORS, CheckpointError, UsageError, error_line, exit_status, sigterm_as_interrupt
 from .loading import DEFAULT_REPO, looks_like_path, resolve_checkpoint
 from .pipeline import PaintByExample
-from .schedulers import SCHEDULERS, make_scheduler
+from .schedulers import SCHEDULERS, Scheduler, make_scheduler
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -109,24 +109,25 @@ def _add_paint_options(parser: argparse.ArgumentParser) -> None:
                         help="with --lora: its strength, 1 = as trained, 0 = the base model (default 1)")
 
 
-def _training_steps(args: argparse.Namespace) -> int:
-    """The scheduler's training steps (``num_train_timesteps``): the checkpoint folder's scheduler config if it has
-    one, else the official value; read without loading anything."""
+def _scheduler(args: argparse.Namespace) -> Scheduler:
+    """The sampler the run will use, built as the pipeline builds it: from the checkpoint folder's scheduler config if
+    it has one, else the official config; read without loading anything."""
     config_file = Path(args.checkpoint) / "scheduler" / "scheduler_config.json"
     try:
         config = json.loads(config_file.read_text()) if config_file.is_file() else None
     except (OSError, ValueError) as err:
         raise ValueError(f"--checkpoint {args.checkpoint}: cannot read {config_file}: {err}") from None
-    return make_scheduler(args.scheduler, config).config.num_train_timesteps
+    return make_scheduler(args.scheduler, config)
 
 
 def _check_paint_options(args: argparse.Namespace) -> str:
     """Reject bad values of the shared painting options before anything slow happens (UsageError: exit 2), then
     settle an ``auto`` device and dtype: returns the line that says which run."""
-    training_steps = _training_steps(args)
-    if not 1 <= args.steps <= training_steps:
-        raise UsageError(f"--steps: expected an integer from 1 to the scheduler's {training_steps} training steps "
-                         f"(num_train_timesteps), got {args.steps}")
+    scheduler = _scheduler(args)
+    try:
+        scheduler.check_steps(args.steps, name="--steps")
+    except ValueError as err:  # the step counts this sampler can run with this config
+        raise UsageError(str(err)) from None
     if not math.isfinite(args.guidance):
         raise UsageError(f"--guidance: expected a finite number, got {args.guidance}")
     if not math.isfinite(args.mask_blur) or args.mask_blur < 0:
@@ -440,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             return _merge_lora(args)
         if args.command == "batch":
             return _batch(args)
-        return _paint(args)
+        with sigterm_as_interrupt():  # a SIGTERM while loading or denoising ends the run as Ctrl-C does
+            return _paint(args)
     except COMMAND_ERRORS as err:
         print(error_line(err), file=sys.stderr)
         return exit_status(err)

@@ -172,7 +172,7 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, data, capsys) -> None:
 @pytest.mark.parametrize(("output_dir", "extra", "message"), [
     ("/proc/painted", [], "--output-dir: cannot write in the folder /proc"),  # /proc takes no new file, even from root
     ("a0.png", [], "a0.png is a file, not a folder"),
-    ("out", ["--steps", "5000"], "--steps: expected an integer from 1 to the scheduler's 1000 training steps"),
+    ("out", ["--steps", "5000"], "--steps: expected an integer from 1 to 999 for PNDMScheduler("),
     ("out", ["--resolution", "100"], "--resolution: expected a positive multiple of 8"),
     ("out", ["--mask-blur", "2"], "--mask-blur only applies with --keep-unmasked"),
 ])

@@ -6,6 +6,7 @@ statuses, stderr and the absence of tracebacks as a user does; the rest call ``p
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -196,8 +197,8 @@ def test_the_printed_command_repeats_a_run_with_a_fresh_seed(tmp_path, hub, inpu
 @pytest.mark.parametrize(
     ("extra", "status", "message"),
     [
-        (["--steps", "0"], 2, "--steps: expected an integer from 1 to the scheduler's 1000 training steps"),
-        (["--steps", "100000"], 2, "(num_train_timesteps), got 100000"),
+        (["--steps", "0"], 2, "--steps: expected an integer from 1 to 999 for PNDMScheduler(timestep_spacing="),
+        (["--steps", "100000"], 2, "num_train_timesteps=1000, skip_prk_steps=True), got 100000"),
         (["--resolution", "500"], 2, "--resolution: expected a positive multiple of 8, got 500"),
         (["--hd-trigger", "0"], 2, "--hd-trigger: expected a positive number of pixels"),
         (["--hd-margin", "-1"], 2, "--hd-margin: expected a number of pixels >= 0"),
@@ -241,6 +242,21 @@ def test_refusals_come_before_the_model_loads(tmp_path, inputs, capsys, loads, e
     assert_one_error_line(err)
     assert extra[0] in err or "would overwrite the input" in err
     assert loads == [] and folder_files(tmp_path) == {"out-1.png"}
+
+
+@pytest.mark.parametrize("scheduler", list(pbe.cli.SCHEDULERS))
+def test_steps_past_what_the_sampler_can_run_are_refused_before_the_model_loads(tmp_path, hub, inputs, capsys, loads,
+                                                                               scheduler) -> None:
+    """--steps is checked against the counts the chosen sampler can run with the checkpoint's scheduler config (the
+    test hub's: "leading" spacing, steps_offset 1), as the API checks num_inference_steps: one more is exit 2."""
+    config = json.loads((hub / "scheduler" / "scheduler_config.json").read_text())
+    most = pbe.cli.make_scheduler(scheduler, config).max_steps
+    assert main(paint_args(inputs, tmp_path / "out.png", hub, "--scheduler", scheduler,
+                           "--steps", str(most + 1))) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert f"error: --steps: expected an integer from 1 to {most} for " in err and f"got {most + 1}" in err
+    assert loads == [] and folder_files(tmp_path) == set()
 
 
 def test_an_empty_mask_warns_alpha_included(tmp_path, hub, inputs, capsys) -> None:
@@ -406,3 +422,38 @@ def test_a_run_that_started_and_failed_exits_1(tmp_path, hub, inputs, capsys, mo
         assert {"unreadable checkpoint": "model.ckpt: a zip archive but not a readable PyTorch checkpoint",
                 "out of memory": "error: CPU out of memory", "nan in the latents": "NaN or inf"}[case] in err, err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_sigterm_during_denoising_ends_like_ctrl_c_and_leaves_nothing(tmp_path, inputs) -> None:
+    """`pbe paint` handles SIGTERM as Ctrl-C (README): sent once the progress bar shows a step, the run ends with
+    "interrupted" and exit status 130, and no output (nor a partial one) is left."""
+    import re
+    import signal
+    import threading
+    import time
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = paint_args(inputs, out_dir / "out.png", HUB, "--steps", "900", "--device", "cpu", "--dtype", "fp32")
+    environment = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.Popen([sys.executable, "-m", "pbe", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=environment)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not re.search(rb"denoising: .*\| *[1-9][0-9]*/9", b"".join(chunks)):
+            assert proc.poll() is None and time.monotonic() < deadline, b"".join(chunks).decode()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        reader.join()
+        proc.stdout.close()
+        proc.stderr.close()
+    err = b"".join(chunks).decode()
+    assert proc.returncode == 130, err
+    assert err.endswith("interrupted\n") and "Traceback" not in err, err
+    assert list(out_dir.iterdir()) == []
