@@ -23,7 +23,8 @@ from pbe.train.data import (  # noqa: E402
     read_manifest,
 )
 
-SMALL = DataConfig(resolution=64, reference_size=32)  # the recipe at a size tests draw in milliseconds
+# The recipe at a size tests draw in milliseconds (0.4.3's affine warp in px, scaled from 224 to 32 px).
+SMALL = DataConfig(resolution=64, reference_size=32, elastic_affine=50 * 32 / 224)
 
 
 def _coordinates(path: Path, width: int, height: int) -> Path:
@@ -85,6 +86,45 @@ def test_a_row_with_its_own_reference_picture_uses_that_picture(tmp_path: Path) 
     reference = PaintByExampleDataset(manifest, config=SMALL)[0]["reference"]
     clip = (torch.tensor((10, 220, 90)) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     torch.testing.assert_close(reference, clip.view(3, 1, 1).expand(3, 32, 32), rtol=0, atol=1e-5)
+
+
+class _Recorder:
+    """Stands in for a dataset's Compose: forwards every call and keeps what each applied."""
+
+    def __init__(self, compose) -> None:
+        self.compose, self.applied = compose, []
+        compose.save_applied_params = True
+
+    def set_random_state(self, *generators) -> None:
+        self.compose.set_random_state(*generators)
+
+    def __call__(self, **data):
+        result = self.compose(**data)
+        self.applied.append(dict(result.pop("applied_transforms")))
+        return result
+
+
+def test_the_reference_augmentations_fire_independently_with_the_recipes_probabilities(tmp_path: Path) -> None:
+    dataset = _dataset(tmp_path, 3, config=DataConfig(resolution=64))
+    dataset.augment = recorder = _Recorder(dataset.augment)
+    for epoch in range(70):
+        for index in range(3):
+            dataset[(epoch, index)]
+    applied = recorder.applied
+    fired = {name: [name in a for a in applied] for name in ("HorizontalFlip", "Rotate", "Blur", "ElasticTransform")}
+    # Binomial(210, p) lies within these bounds but with probability under 1e-4.
+    assert 75 <= sum(fired["HorizontalFlip"]) <= 135 and 75 <= sum(fired["Rotate"]) <= 135
+    assert 35 <= sum(fired["Blur"]) <= 95 and 35 <= sum(fired["ElasticTransform"]) <= 95
+    assert fired["HorizontalFlip"] != fired["Rotate"] and fired["Blur"] != fired["ElasticTransform"]
+    assert {a["Blur"]["kernel"] for a in applied if "Blur" in a} == {3, 5, 7}
+    # 0.4.3's affine warp inside the elastic transform, rebuilt by A.Affine: the linear part is I + D with each entry
+    # of D of std 50 sqrt(2/3) / 148 = 0.276 at 224 px, the centre moves with std 50 / sqrt(6) = 20.4 px per axis.
+    matrices = np.array([a["Affine"]["matrix"] for a in applied if "Affine" in a])
+    assert len(matrices) == sum(fired["ElasticTransform"])
+    spread = (matrices[:, :2, :2] - np.eye(2)).std(axis=0)
+    assert ((spread > 0.2) & (spread < 0.36)).all(), spread
+    centre = (matrices @ np.array([111.5, 111.5, 1.0]))[:, :2] - 111.5
+    assert ((centre.std(axis=0) > 14) & (centre.std(axis=0) < 28)).all(), centre.std(axis=0)
 
 
 @pytest.mark.parametrize("bezier", [0.0, 1.0], ids=["box", "bezier"])
@@ -249,11 +289,13 @@ def test_make_loader_refuses_a_dataset_smaller_than_a_batch_and_a_bad_rank(tmp_p
 def test_jsonl_and_csv_manifests_read_the_same_rows(tmp_path: Path) -> None:
     _coordinates(tmp_path / "a.png", 100, 80)
     _solid(tmp_path / "r.png", 30, 30, (1, 2, 3))
-    jsonl = read_manifest(_jsonl(tmp_path / "m.jsonl", [{"image": "a.png", "box": [10, 5, 50.5, 60]},
-                                                         {"image": "a.png", "box": [0, 0, 100, 80], "reference": "r.png"}]))
+    records = [{"image": "a.png", "box": [10, 5, 50.5, 60]},
+               {"image": "a.png", "box": [0, 0, 100, 80], "reference": "r.png"}]
+    jsonl = read_manifest(_jsonl(tmp_path / "m.jsonl", records))
     (tmp_path / "m.csv").write_text("image,box,reference\na.png,10 5 50.5 60,\na.png,\"[0, 0, 100, 80]\",r.png\n")
     (tmp_path / "columns.csv").write_text("image,x0,y0,x1,y1,reference\na.png,10,5,50.5,60,\na.png,0,0,100,80,r.png\n")
-    expected = [TrainRow(image=tmp_path / "a.png", box=(10, 5, 51, 60), size=(100, 80), where=f"{tmp_path / 'm.jsonl'}:1"),
+    expected = [TrainRow(image=tmp_path / "a.png", box=(10, 5, 51, 60), size=(100, 80),
+                         where=f"{tmp_path / 'm.jsonl'}:1"),
                 TrainRow(image=tmp_path / "a.png", box=(0, 0, 100, 80), size=(100, 80), reference=tmp_path / "r.png",
                          where=f"{tmp_path / 'm.jsonl'}:2")]
     assert jsonl == expected
@@ -331,6 +373,9 @@ def test_bad_settings_are_refused_naming_the_argument(tmp_path: Path) -> None:
         DataConfig(flip_prob=1.5)
     with pytest.raises(ValueError, match=r"DataConfig.resolution must be a positive multiple of 8, got 500"):
         DataConfig(resolution=500)
+    affine = r"DataConfig.elastic_affine must be in .* = \[0, 14.1\) px for reference_size 32, got 50.0"
+    with pytest.raises(ValueError, match=affine):
+        DataConfig(reference_size=32)
     dataset = _dataset(tmp_path, 3)
     with pytest.raises(ValueError, match=r"epoch must be an integer >= 0, got -1"):
         dataset.set_epoch(-1)

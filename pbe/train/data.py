@@ -79,6 +79,7 @@ class DataConfig:
     elastic_prob: float = 0.3  # reference: elastic transform (with the affine warp albumentations 0.4.3 did in it)
     elastic_alpha: float = 1.0  # displacement scale of the elastic transform
     elastic_sigma: float = 50.0  # Gaussian smoothing of the displacement field, px
+    elastic_affine: float = 50.0  # px: the random affine warp inside 0.4.3's elastic transform (alpha_affine); 0: none
 
     def __post_init__(self) -> None:
         for name in ("resolution", "reference_size"):
@@ -97,7 +98,13 @@ class DataConfig:
             raise ValueError(f"DataConfig.box_area_range must be (low, high) with 0 <= low <= high <= 1, "
                              f"got {self.box_area_range!r}")
         if not 3 <= self.blur_kernel[0] <= self.blur_kernel[1]:
-            raise ValueError(f"DataConfig.blur_kernel must be (low, high) with 3 <= low <= high, got {self.blur_kernel!r}")
+            raise ValueError(f"DataConfig.blur_kernel must be (low, high) with 3 <= low <= high, "
+                             f"got {self.blur_kernel!r}")
+        # The affine warp's scale spread (reference_augmentation) stays under 1, or the warp may mirror the picture.
+        most = math.sqrt(2) * (self.reference_size // 3)
+        if not 0 <= self.elastic_affine < most:
+            raise ValueError(f"DataConfig.elastic_affine must be in [0, sqrt(2) x (reference_size // 3)) = [0, "
+                             f"{most:.1f}) px for reference_size {self.reference_size}, got {self.elastic_affine!r}")
         if self.rotate_limit < 0 or self.elastic_alpha < 0 or self.elastic_sigma < 1:
             raise ValueError(f"DataConfig.rotate_limit and elastic_alpha must be >= 0 and elastic_sigma >= 1, got "
                              f"{self.rotate_limit!r}, {self.elastic_alpha!r}, {self.elastic_sigma!r}")
@@ -214,11 +221,13 @@ def read_manifest(path: str | Path) -> list[TrainRow]:
     """
     path = Path(path)
     if path.suffix.lower() not in (".jsonl", ".csv"):
-        raise ManifestError(f"manifest {path}: unknown format {path.suffix or '(no suffix)'!r}, expected .jsonl or .csv")
+        raise ManifestError(f"manifest {path}: unknown format {path.suffix or '(no suffix)'!r}, "
+                            "expected .jsonl or .csv")
     if not path.is_file():
         raise ManifestError(f"manifest {path}: no such file")
     sizes: dict[Path, tuple[int, int]] = {}
-    rows = [_row(record, folder=path.parent, where=f"{path}:{number}", sizes=sizes) for number, record in _records(path)]
+    rows = [_row(record, folder=path.parent, where=f"{path}:{number}", sizes=sizes)
+            for number, record in _records(path)]
     if not rows:
         raise ManifestError(f"manifest {path} is empty: no rows")
     return rows
@@ -257,7 +266,8 @@ def _bezier_polygon(box: Box, extended: Box, *, jitter: int, rng: random.Random)
         # edge, which drops mirrored points by rounding accident; every point is kept here.
         for i in range(1, 19):
             t = i * 0.05
-            points.append((_bezier(xs, t) + rng.randint(-jitter, jitter), _bezier(ys, t) + rng.randint(-jitter, jitter)))
+            x = _bezier(xs, t) + rng.randint(-jitter, jitter)
+            points.append((x, _bezier(ys, t) + rng.randint(-jitter, jitter)))  # x's jitter drawn first
     return tuple(points)
 
 
@@ -336,17 +346,19 @@ def reference_augmentation(config: DataConfig) -> Any:
     size = config.reference_size
     # 0.4.3 filled borders by reflection (cv2.BORDER_REFLECT_101); 2.x defaults to a constant 0 border.
     reflect = cv2.BORDER_REFLECT_101
-    # 0.4.3's ElasticTransform first warped the picture by a random affine map (alpha_affine=50: the three points
-    # centre +- side/3 each moved by uniform(-50, 50) px in x and y), then displaced it elastically. 2.x removed
-    # alpha_affine (its migration note: add A.Affine). That map is I + D, with each entry of D a difference of two
-    # uniform(-50, 50) over 2 x side/3 (std 0.28 at 224 px), and moves the centre by the mean of two uniform(-50, 50)
-    # (std 20 px); A.Affine below draws per-axis scale, shear and shift uniformly with those spreads:
-    # scale 1 +- 0.48, shear +- atan(0.48) = 25.6 degrees, shift +- 35 px at 224 (as a fraction: +- 0.158).
-    spread = 50 * math.sqrt(2 / 3) / (2 * (size // 3)) * math.sqrt(3)
-    shift = 50 / math.sqrt(6) * math.sqrt(3) / size
+    # 0.4.3's ElasticTransform first warped the picture by a random affine map (alpha_affine = a = 50 px: the three
+    # points centre +- side//3 each moved by uniform(-a, a) in x and in y), then displaced it elastically (alpha=1,
+    # sigma=50: under a pixel, so the affine map was most of what it did). 2.x removed alpha_affine; its migration
+    # note says to add A.Affine. That map is I + D, each entry of D a difference of two uniform(-a, a) over
+    # 2 x (side // 3) (std 0.28 at 224 px), and it moves the centre by the mean of two uniform(-a, a) (std a / sqrt(6)
+    # = 20 px). A.Affine draws per-axis scale, shear and shift uniformly with those spreads: scale 1 +- 0.48, shear
+    # +- atan(0.48) = 25.6 degrees, shift +- 35 px at 224.
+    # uniform(-s, s) has std s / sqrt(3)
+    spread = config.elastic_affine * math.sqrt(2 / 3) / (2 * (size // 3)) * math.sqrt(3)
+    shear = math.degrees(math.atan(spread))
+    shift = config.elastic_affine / math.sqrt(6) * math.sqrt(3) / size
     affine = A.Affine(scale={"x": (1 - spread, 1 + spread), "y": (1 - spread, 1 + spread)},
-                      shear={"x": (-math.degrees(math.atan(spread)), math.degrees(math.atan(spread))),
-                             "y": (-math.degrees(math.atan(spread)), math.degrees(math.atan(spread)))},
+                      shear={"x": (-shear, shear), "y": (-shear, shear)},
                       translate_percent={"x": (-shift, shift), "y": (-shift, shift)}, border_mode=reflect, p=1.0)
     # 0.4.3 drew the elastic field uniform in [-1, 1]; 2.x defaults to Gaussian noise.
     elastic = A.ElasticTransform(alpha=config.elastic_alpha, sigma=config.elastic_sigma, border_mode=reflect,
@@ -356,7 +368,7 @@ def reference_augmentation(config: DataConfig) -> Any:
         A.HorizontalFlip(p=config.flip_prob),
         A.Rotate(limit=config.rotate_limit, border_mode=reflect, p=config.rotate_prob),
         A.Blur(blur_limit=config.blur_kernel, p=config.blur_prob),
-        A.Sequential([affine, elastic], p=config.elastic_prob),
+        A.Sequential([affine, elastic] if config.elastic_affine else [elastic], p=config.elastic_prob),
     ])
 
 
@@ -455,6 +467,8 @@ class PaintByExampleDataset(Dataset):
             reference = np.asarray(picture.crop(padded))
         else:
             reference = np.asarray(_read_rgb(row.reference, where=row.where, field="reference"))
+        # One shared generator pair for the whole Compose: Compose(seed=) / set_random_seed would give every
+        # transform its own copy of the same stream, so flip and rotate (both p=0.5) would always fire together.
         self.augment.set_random_state(augment_np, augment_py)
         reference = self.augment(image=reference)["image"]
 
