@@ -366,6 +366,9 @@ def test_the_manifest_check_reads_headers_only_and_a_broken_picture_is_named_whe
     dataset = PaintByExampleDataset(manifest, config=SMALL)
     with pytest.raises(ManifestError, match=r"m.jsonl:1: image .*cut.png cannot be read as a picture"):
         dataset[0]
+    _coordinates(tmp_path / "cut.png", 64, 40)  # replaced by a picture of another size after the check
+    with pytest.raises(ManifestError, match=r"m.jsonl:1: image .*cut.png is 64x40 now, 64x48 when the manifest was"):
+        dataset[0]
 
 
 def test_bad_settings_are_refused_naming_the_argument(tmp_path: Path) -> None:

@@ -458,6 +458,9 @@ class PaintByExampleDataset(Dataset):
         geometry_rng, augment_np, augment_py = self._generators(epoch, index)
         geometry = draw_geometry(row.box, row.size, config=config, rng=geometry_rng)
         picture = _read_rgb(row.image, where=row.where, field="image")
+        if picture.size != row.size:  # the geometry was drawn for the size the manifest check read
+            raise ManifestError(f"{row.where}: image {row.image} is {picture.size[0]}x{picture.size[1]} now, "
+                                f"{row.size[0]}x{row.size[1]} when the manifest was read")
 
         # The reference: the box padded by up to reference_padding px, or a picture of its own; augmented.
         if row.reference is None:
