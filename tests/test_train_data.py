@@ -153,6 +153,7 @@ def test_the_geometry_follows_the_recipe_and_the_pixels_follow_the_geometry(tmp_
             inner = (slice(2, -2), slice(2, -2))
             assert (pixels[0][inner] - (x[inner] - 0.5)).abs().max() < 1.5
             assert (pixels[1][inner] - (y[inner] - 0.5)).abs().max() < 1.5
+            assert sample["image"].min() >= -1 and sample["image"].max() <= 1
             # The mask: 0/1, 0 over the box's repaint region.
             mask = sample["keep_mask"][0]
             assert set(mask.unique().tolist()) <= {0.0, 1.0}
@@ -173,6 +174,26 @@ def test_the_geometry_follows_the_recipe_and_the_pixels_follow_the_geometry(tmp_
                 centre = ((y - (y0 + y1) / 2).abs() < 3) & ((x - (x0 + x1) / 2).abs() < 3)
                 assert repaint[centre].all()
                 assert repaint[inside_box].float().mean() > 0.7
+
+
+def test_reference_quirks_where_one_square_window_or_none_fits_the_whole_picture_is_used(tmp_path: Path) -> None:
+    _coordinates(tmp_path / "wide.png", 160, 96)
+    _coordinates(tmp_path / "square.png", 100, 100)
+    records = [{"image": "wide.png", "box": [5, 20, 150, 70]}, {"image": "square.png", "box": [20, 20, 60, 60]},
+               {"image": "wide.png", "box": [0, 20, 50, 70]}]
+    dataset = PaintByExampleDataset(_jsonl(tmp_path / "m.jsonl", records), config=SMALL)
+    r = SMALL.resolution
+    for epoch in range(10):
+        assert dataset.geometry((epoch, 0)).crop == (0, 0, 160, 96)  # no square window holds 145+ px of width
+        assert dataset.geometry((epoch, 1)).crop == (0, 0, 100, 100)  # never cropped, never shrunk
+        # At the left edge the only window starts at 0: one position, which the official code does not take.
+        assert dataset.geometry((epoch, 2)).crop == (0, 0, 160, 96)
+    # The wide picture is squeezed into the square: x runs over 160 px, y over 96.
+    pixels = (dataset[0]["image"] + 1) * 127.5
+    x = (torch.arange(r) + 0.5) * 160 / r - 0.5
+    y = (torch.arange(r) + 0.5) * 96 / r - 0.5
+    assert (pixels[0, 2:-2, 2:-2] - x[2:-2]).abs().max() < 1.5
+    assert (pixels[1, 2:-2, 2:-2] - y[2:-2, None]).abs().max() < 1.5
 
 
 def test_the_mask_shape_is_drawn_with_the_papers_probability(tmp_path: Path) -> None:

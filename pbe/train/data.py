@@ -275,16 +275,14 @@ def _scene_crop(extended: Box, width: int, height: int, *, shrink: float, rng: r
     """A random square window of side min(width, height) containing the extended box, shrunk by up to its margin."""
     ex0, ey0, ex1, ey1 = extended
     side = min(width, height)
-    if width == height:
-        # Reference quirk: a square picture is never cropped nor shrunk.
-        return (0, 0, width, height)
     horizontal = width > height
     # The window slides along the long axis: its start lies in [low, high] so that it holds the extended box.
     lo, hi, long_side = (ex0, ex1, width) if horizontal else (ey0, ey1, height)
     low, high = max(hi - side, 0), min(lo + side, long_side) - side
     if high <= low:
-        # Reference quirk: when the window has one position or none (the extended box is longer than the short side),
-        # the whole picture is used and the resize to a square distorts it.
+        # Reference quirk: when the window has one position or none, the whole picture is used (unshrunk) and the
+        # resize to a square distorts it: a square picture, an extended box longer than the short side, and an
+        # extended box that touches an end of the long side within the first window.
         return (0, 0, width, height)
     start = rng.randint(low, high)
     if horizontal:
