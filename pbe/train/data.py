@@ -281,8 +281,8 @@ def _scene_crop(extended: Box, width: int, height: int, *, shrink: float, rng: r
     low, high = max(hi - side, 0), min(lo + side, long_side) - side
     if high <= low:
         # Reference quirk: when the window has one position or none, the whole picture is used (unshrunk) and the
-        # resize to a square distorts it: a square picture, an extended box longer than the short side, and an
-        # extended box that touches an end of the long side within the first window.
+        # resize to a square distorts it: a square picture, an extended box longer than the short side, or one
+        # reaching either end of the long side (only the window flush with that end holds it).
         return (0, 0, width, height)
     start = rng.randint(low, high)
     if horizontal:
