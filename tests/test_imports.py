@@ -30,6 +30,7 @@ LAYERS = [
     ("pbe.loading",),
     ("pbe.pipeline",),
     ("pbe.batch",),  # many pictures, many processes: on top of the pipeline
+    ("pbe.train",),  # training: recipe, step, loop, data, processes; validation paints through the pipeline
     ("pbe.cli",),
     ("pbe.__main__",),  # `python -m pbe`
 ]
