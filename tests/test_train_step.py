@@ -108,7 +108,8 @@ def test_one_step_equals_the_diffusers_reference(both, drop: bool) -> None:  # n
     # "Relative" is to the scale of the gradient, its largest entry over all parameters: several tensors' gradients
     # are zero in exact arithmetic (a per-channel bias before a one-channel-per-group GroupNorm, attention over one
     # token) and only rounding is left of them on either side, and small bias gradients are sums of thousands of
-    # terms. Measured: 2.0e-6 at most (4e-8 for exact-zero ones); a wrong weight, draw or timestep moves it >= 1e-3.
+    # terms. Measured: 2.0e-6 at most (4e-8 for exact-zero ones); the mistakes tried (a nearest-resized mask, t + 1,
+    # an unscaled masked latent, the dropout ignored) move the loss or a gradient by 5e-5 to 4e-2.
     scale = max(p.grad.abs().max().item() for p in their_params.values() if p.grad is not None)
     checked = 0
     for ours_name, theirs_name in pairs.items():
@@ -150,14 +151,20 @@ def test_gradient_checkpointing_changes_no_gradient(both) -> None:  # noqa: ANN0
     generator = torch.Generator().manual_seed(11)
     batch = _batch(generator, networks.config.image_encoder.clip.image_size)
     draws = step.draw(BATCH, generator, latent_shape=(4, RESOLUTION // 8, RESOLUTION // 8), uncond_prob=0.0)
-    grads = []
+    grads, calls = [], []
+    runs: list[int] = []  # each run of one res block's forward: once without checkpointing, again in backward with it
+    hook = networks.unet.down[1].res[0].register_forward_hook(lambda *args: runs.append(1))
     for checkpointing in (False, True):
         networks.unet.gradient_checkpointing = checkpointing
         networks.unet.zero_grad(set_to_none=True)
         networks.image_encoder.zero_grad(set_to_none=True)
+        runs.clear()
         step.loss(networks, batch, draws).backward()
         grads.append({k: p.grad.clone() for k, p in step.trained_parameters(networks)})
+        calls.append(len(runs))
+    hook.remove()
     networks.unet.gradient_checkpointing = False
+    assert calls == [1, 2]  # recomputed in backward: checkpointing was on
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
