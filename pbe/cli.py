@@ -1,5 +1,6 @@
 """The ``pbe`` command: ``pbe paint`` paints one picture, ``pbe batch MANIFEST`` paints every row of a manifest with
-one model load (restartable; ``torchrun`` spreads it over processes), ``pbe convert SRC OUT`` converts a checkpoint.
+one model load (restartable; ``torchrun`` spreads it over processes), ``pbe convert SRC OUT`` converts a checkpoint,
+``pbe train`` trains (pbe.train).
 
 ``paint`` and ``batch`` share their painting options (one definition: ``_add_paint_options``) and check them the same
 way, before anything loads: ranges (``--steps`` against the scheduler's training steps, ...), outputs that would
@@ -35,6 +36,7 @@ from .errors import COMMAND_ERRORS, error_line
 from .loading import DEFAULT_REPO
 from .pipeline import PaintByExample
 from .schedulers import SCHEDULERS, make_scheduler
+from .train import config as train_config
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -64,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     convert_command.add_arguments(commands.add_parser("convert", help="convert a checkpoint to pbe's native .safetensors",
                                                       description=convert_command.DESCRIPTION))
     _add_batch_parser(commands)
+    _add_train_parser(commands)
     return parser
 
 
@@ -345,6 +348,41 @@ def _batch(args: argparse.Namespace) -> int:
     return 1 if totals["failed"] else 0
 
 
+# ---- pbe train --------------------------------------------------------------------------------------------------------
+
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    """``pbe train``: one flag per TrainConfig field (generated from the dataclass, so they always agree)."""
+    train = commands.add_parser(
+        "train", help="train or fine-tune Paint by Example (the paper's recipe; torchrun spreads it over GPUs)",
+        description="Train Paint by Example with the paper's recipe (pbe.train.config.TrainConfig: every default is "
+                    "the paper's), from a config file (--config, JSON or TOML, keys = the field names, a [data] table "
+                    "for the data fields) overridden by flags. Under torchrun --nproc_per_node N -m pbe train ..., "
+                    "each process trains on its share of every batch (DDP, or FSDP2 with --strategy fsdp). Running "
+                    "the same command again continues from the last checkpoint in --output-dir.")
+    train.add_argument("--config", type=Path, default=None, help="a JSON or TOML file of settings (flags override it)")
+    for flag, (name, hint, default) in train_config.config_flags().items():
+        if hint is bool:
+            train.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=train_config.describe(name, hint, default))
+        else:
+            train.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="VALUE",
+                               help=train_config.describe(name, hint, default))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.loop import train  # loads the training machinery only when it runs
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        config = train_config.load_config(args.config, overrides)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    path = train(config)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -352,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             return convert_command.run(args)
         if args.command == "batch":
             return _batch(args)
+        if args.command == "train":
+            return _train(args)
         return _paint(args)
     except COMMAND_ERRORS as err:
         print(error_line(err), file=sys.stderr)

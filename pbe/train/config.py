@@ -12,8 +12,10 @@ data fields), generated from the dataclass (``config_flags``), so the file, the 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -86,6 +88,7 @@ class TrainConfig:
             _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
         for name in ("warmup_steps", "validate_every", "validation_samples", "workers"):
             _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+        _check("seed", self.seed, lambda v: isinstance(v, int) and 0 <= v < 2**32, "an integer from 0 to 2**32 - 1")
         _check("max_steps", self.max_steps, lambda v: v is None or isinstance(v, int) and v >= 1, "an integer >= 1")
         _check("lr", self.lr, lambda v: math.isfinite(v) and v > 0, "a number > 0")
         _check("weight_decay", self.weight_decay, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
@@ -273,9 +276,22 @@ def convert_flag(name: str, text: str) -> Any:
     return _convert(name, text, hints[field_name])
 
 
-def describe(hint: Any, default: Any) -> str:
-    """A flag's help: its type and default."""
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the class's source (``name: type = default  # comment``): the flags' help."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (a frozen application): help without the comments
+        return {}
+    found = re.findall(r"^    (\w+): [^#\n]+#\s*(.+)$", source, flags=re.MULTILINE)
+    return dict(found)
+
+
+def describe(name: str, hint: Any, default: Any) -> str:
+    """A flag's help: the field's comment, its type and default."""
+    owner, _, field_name = name.rpartition(".")
+    comment = field_comments(DataConfig if owner == "data" else TrainConfig).get(field_name, "")
     args = typing.get_args(hint)
     inner = next((a for a in args if a is not type(None)), hint) if type(None) in args else hint
     default_text = ",".join(map(str, default)) if isinstance(default, tuple) else default
-    return f"{_type_name(inner)}{' or none' if type(None) in args else ''} (default {default_text})"
+    kind = "" if inner is bool else f"{_type_name(inner)}{' or none' if type(None) in args else ''}, "
+    return f"{comment} ({kind}default {default_text})".replace("%", "%%")
