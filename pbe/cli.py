@@ -264,7 +264,7 @@ def _paint(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- pbe batch -------------------------------------------------------------------------------------------------------
+# ---- pbe batch ------------------------------------------------------------------------------------------------------
 
 
 def _add_batch_parser(commands: argparse._SubParsersAction) -> None:
@@ -348,7 +348,7 @@ def _batch(args: argparse.Namespace) -> int:
     return 1 if totals["failed"] else 0
 
 
-# ---- pbe train --------------------------------------------------------------------------------------------------------
+# ---- pbe train ------------------------------------------------------------------------------------------------------
 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:

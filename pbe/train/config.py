@@ -175,7 +175,8 @@ def _convert(name: str, value: Any, hint: Any) -> Any:
                 raise ValueError
             return tuple(_convert(name, item, a) for item, a in zip(items, args))
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected {_type_name(hint)}{' or none' if optional else ''}, got {value!r}") from None
+        expected = f"{_type_name(hint)}{' or none' if optional else ''}"
+        raise ValueError(f"{name}: expected {expected}, got {value!r}") from None
     raise AssertionError(f"{name}: no conversion for {hint}")  # a field type this module does not know yet
 
 
@@ -265,7 +266,8 @@ def config_flags() -> dict[str, tuple[str, Any, Any]]:
                 flags[f"--data-{d.name.replace('_', '-')}"] = (f"data.{d.name}", _hints(DataConfig)[d.name],
                                                                getattr(DataConfig(), d.name))
         else:
-            flags[f"--{f.name.replace('_', '-')}"] = (f.name, _hints(TrainConfig)[f.name], getattr(TrainConfig(), f.name))
+            flags[f"--{f.name.replace('_', '-')}"] = (f.name, _hints(TrainConfig)[f.name],
+                                                     getattr(TrainConfig(), f.name))
     return flags
 
 

@@ -90,7 +90,8 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
 
         dataset = PaintByExampleDataset(config.manifest, config=config.data, seed=config.seed)
         if validation_dataset is None and config.validation_manifest is not None:
-            validation_dataset = PaintByExampleDataset(config.validation_manifest, config=config.data, seed=config.seed)
+            validation_dataset = PaintByExampleDataset(config.validation_manifest, config=config.data,
+                                                       seed=config.seed)
     samples_per_step = dist.world_size * config.batch_size * config.grad_accumulation
     if len(dataset) < samples_per_step:
         raise ValueError(f"manifest: {len(dataset)} training sample(s), fewer than one optimizer step takes "
@@ -131,8 +132,8 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
                              f"{steps_per_epoch}; resume with the same processes, batch_size and grad_accumulation, "
                              "or start a new output_dir")
         if ema is not None:
-            for average, saved in zip(ema, extra["ema"]):
-                average.copy_(saved)
+            for i, average in enumerate(ema):
+                average.copy_(extra["ema"][str(i)])
         # The warm-up depends on the step alone: set it where the stopped run left it.
         schedule.last_epoch = step
         for group, base in zip(optimizer.param_groups, schedule.base_lrs):
@@ -185,7 +186,7 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
                 if step % config.checkpoint_every == 0 or step == total_steps:
                     extra = {"step": step, "samples_per_step": samples_per_step, "steps_per_epoch": steps_per_epoch}
                     if ema is not None:
-                        extra["ema"] = ema
+                        extra["ema"] = {str(i): average for i, average in enumerate(ema)}
                     distributed.save_training_state(output_dir / "checkpoints" / f"step-{step:07d}", model=wrapped,
                                                     optimizer=optimizer, extra=extra)
                 if step >= total_steps:
@@ -220,7 +221,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
     return total
 
 
-# ---- pieces of the run -----------------------------------------------------------------------------------------------
+# ---- pieces of the run ----------------------------------------------------------------------------------------------
 
 
 def _strategy(config: TrainConfig, world_size: int) -> str:
@@ -335,7 +336,7 @@ class _Log:
             self.board.close()
 
 
-# ---- validation --------------------------------------------------------------------------------------------------------
+# ---- validation -----------------------------------------------------------------------------------------------------
 
 
 def _validation_rows(dataset: Dataset, config: TrainConfig) -> dict[str, torch.Tensor] | None:
@@ -384,7 +385,7 @@ def _validate(wrapped: nn.Module, networks: PaintByExampleNetworks, rows: dict[s
     save_image(PIL.Image.fromarray(pixels), path)
 
 
-# ---- the final model ---------------------------------------------------------------------------------------------------
+# ---- the final model ------------------------------------------------------------------------------------------------
 
 
 def _save_final(wrapped: nn.Module, networks: PaintByExampleNetworks, config: TrainConfig, output_dir: Path, *,
@@ -415,13 +416,19 @@ def _save_final(wrapped: nn.Module, networks: PaintByExampleNetworks, config: Tr
 
 
 def _save_lora(path: Path, unet: nn.Module, config: TrainConfig) -> None:
-    # TODO(merge): the LoRA file writer of helper "lora" (save_lora(path, unet, ...) outside pbe.model).
-    from ..lora_files import save_lora  # type: ignore[import-not-found]
+    # TODO(merge): call helper "lora"'s save_lora(path, unet, ...) (its file format) instead of writing it here.
+    from safetensors.torch import save_file
 
-    save_lora(path, unet, rank=config.lora_rank, alpha=config.lora_scale_alpha, base=config.checkpoint)
+    from ..files import write_atomically
+    from ..model.lora import lora_state_dict
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
+    metadata = {"format": "pbe-lora", "rank": str(config.lora_rank), "alpha": str(config.lora_scale_alpha),
+                "targets": "to_q,to_k,to_v,to_out", "base": str(config.checkpoint)}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-# ---- TODO(merge): one-process stand-ins for pbe.train.distributed and pbe.train.data's make_loader ----------------------
+# ---- TODO(merge): one-process stand-ins for pbe.train.distributed and pbe.train.data's make_loader ------------------
 # They follow the shared interfaces so the loop runs (and its tests pass) before those modules land; drop them then.
 
 
