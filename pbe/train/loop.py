@@ -103,7 +103,8 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    validation_rows = _validation_rows(validation_dataset or dataset, config) if config.validate_every else None
+    shown = dataset if validation_dataset is None else validation_dataset
+    validation_rows = _validation_rows(shown, config) if config.validate_every else None
 
     # ---- networks: what trains, how it is wrapped, the optimizer
     torch.manual_seed(config.seed)
