@@ -114,7 +114,7 @@ class TrainConfig:
                              "weights to need it: use 'ddp' (or 'auto') with lora_rank")
 
     @property
-    def lora_scale_alpha(self) -> float | None:
+    def lora_effective_alpha(self) -> float | None:
         """The LoRA alpha in effect: ``lora_alpha``, or the rank (scale 1) when not given."""
         if self.lora_rank is None:
             return None

@@ -43,6 +43,7 @@ from .config import TrainConfig
 FINAL_MODEL = "model.safetensors"
 FINAL_LORA = "lora.safetensors"
 LOG = "log.jsonl"
+BATCH_KEYS = ("image", "keep_mask", "reference")  # what a training step reads of a sample (pbe.train.data's format)
 
 
 def warmup_factor(step: int, config: TrainConfig) -> float:
@@ -213,7 +214,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     total = torch.zeros((), device=device)
     for j, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS}
         first = (j * world_size + rank) * len(batch["image"])
         with _gradient_sync(model, j == len(micro_batches) - 1), autocast:
             loss = model(batch, draws.rows(first, first + len(batch["image"])))
@@ -263,7 +264,7 @@ def _setup_trained(networks: PaintByExampleNetworks, config: TrainConfig) -> lis
         return list(train_step.trained_parameters(networks))
     from ..model.lora import add_lora
 
-    added = {id(p) for p in add_lora(networks.unet, rank=config.lora_rank, alpha=config.lora_scale_alpha)}
+    added = {id(p) for p in add_lora(networks.unet, rank=config.lora_rank, alpha=config.lora_effective_alpha)}
     # LoRA on the cross-attention's queries and keys would get no gradient either (see step.NO_GRADIENT).
     return [(f"unet.{name}", p) for name, p in networks.unet.named_parameters()
             if id(p) in added and not any(part in f".{name}" for part in train_step.NO_GRADIENT)]
@@ -348,7 +349,7 @@ def _validation_rows(dataset: Dataset, config: TrainConfig) -> dict[str, torch.T
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(0)
     samples = [dataset[i] for i in range(count)]
-    return {key: torch.stack([s[key] for s in samples]) for key in ("image", "keep_mask", "reference")}
+    return {key: torch.stack([s[key] for s in samples]) for key in BATCH_KEYS}
 
 
 @torch.no_grad()
@@ -424,7 +425,7 @@ def _save_lora(path: Path, unet: nn.Module, config: TrainConfig) -> None:
     from ..model.lora import lora_state_dict
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
-    metadata = {"format": "pbe-lora", "rank": str(config.lora_rank), "alpha": str(config.lora_scale_alpha),
+    metadata = {"format": "pbe-lora", "rank": str(config.lora_rank), "alpha": str(config.lora_effective_alpha),
                 "targets": "to_q,to_k,to_v,to_out", "base": str(config.checkpoint)}
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -480,10 +481,13 @@ class _OneProcess:
 
     @staticmethod
     def setup(device: str = "auto") -> Any:
+        import os
         from types import SimpleNamespace
 
         from ..devices import resolve_device
 
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError("training in several processes needs pbe.train.distributed, which is missing")
         return SimpleNamespace(rank=0, world_size=1, local_rank=0, device=resolve_device(device))
 
     @staticmethod

@@ -54,6 +54,7 @@ class Draws:
         return Draws(self.drop, *(getattr(self, f.name)[start:stop] for f in fields(self)[1:]))
 
     def to(self, device: torch.device | str) -> Draws:
+        """The same draws on ``device`` (they are made on the generator's, the CPU's in training)."""
         return Draws(self.drop, *(getattr(self, f.name).to(device) for f in fields(self)[1:]))
 
 
