@@ -199,10 +199,11 @@ def test_the_run_writes_a_model_pbe_paints_with_a_log_and_validation_grids(tmp_p
 
 
 def test_a_dataset_smaller_than_one_step_is_refused_before_the_networks_load(tmp_path: Path) -> None:
-    config = _config(tmp_path, batch_size=2, grad_accumulation=2, checkpoint=str(tmp_path / "missing.ckpt"))
+    config = _config(tmp_path / "run", batch_size=2, grad_accumulation=2, checkpoint=str(tmp_path / "missing.ckpt"))
     message = r"manifest: 3 training sample\(s\), fewer than one optimizer step takes .*= 4"
     with pytest.raises(ValueError, match=message):
         train(config, dataset=Samples(3))
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_an_unwritable_output_folder_is_refused(tmp_path: Path) -> None:

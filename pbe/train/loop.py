@@ -108,6 +108,7 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
     validation_rows = _validation_rows(shown, config) if config.validate_every else None
 
     # ---- networks: what trains, how it is wrapped, the optimizer
+    output_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     torch.manual_seed(config.seed)
     if networks is None:
         networks = _load_networks(config, dist.device)
@@ -236,10 +237,15 @@ def _strategy(config: TrainConfig, world_size: int) -> str:
 
 
 def _writable_folder(folder: Path) -> Path:
-    """``folder``, created if missing; ValueError naming it if it cannot be created or written."""
+    """``folder`` if it can be written, or created and then written (its nearest existing parent is tried, nothing is
+    created yet); ValueError naming it otherwise."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):  # os.access is not enough: root passes it on read-only mounts
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file, not a folder")
+        with tempfile.TemporaryFile(dir=existing):  # os.access is not enough: root passes it on read-only mounts
             pass
     except OSError as err:
         raise ValueError(f"output_dir: cannot write in the folder {folder} ({err.strerror or err})") from None
