@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .. import devices
 from ..batch import save_image
 from ..checkpoint import NETWORK_NAMES, save_native
 from ..images import CLIP_MEAN, CLIP_STD
@@ -122,6 +123,10 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
                                   weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: warmup_factor(n, config))
     ema = [p.detach().clone() for p in parameters] if config.ema_decay is not None else None
+
+    if is_main and config.precision == "bf16" and not devices.native_precision(dist.device, torch.bfloat16):
+        print(f"warning: precision bf16: {dist.device.type} has no bfloat16 instructions here, so it is emulated and "
+              "far slower than fp32 (see pbe.devices); use --precision fp32", file=sys.stderr)
 
     # ---- resume
     step = 0
