@@ -212,6 +212,12 @@ def test_an_unwritable_output_folder_is_refused(tmp_path: Path) -> None:
         train(_config(tmp_path / "file" / "run"), dataset=Samples(4))
 
 
+def test_starting_over_in_the_folder_of_an_earlier_run_is_refused(tmp_path: Path) -> None:
+    train(_config(tmp_path, max_steps=1), dataset=Samples(4), networks=pbe.load(HUB))
+    with pytest.raises(ValueError, match="resume: false, but .* holds the checkpoints of an earlier run"):
+        train(_config(tmp_path, max_steps=2, resume=False), dataset=Samples(4))
+
+
 def test_no_training_data_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="manifest: expected the training manifest"):
         train(_config(tmp_path))

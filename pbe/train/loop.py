@@ -105,6 +105,9 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
+    if not config.resume and distributed.latest_checkpoint(output_dir) is not None:
+        raise ValueError(f"resume: false, but {output_dir} holds the checkpoints of an earlier run; resume it, or "
+                         "give another output_dir")
     shown = dataset if validation_dataset is None else validation_dataset
     validation_rows = _validation_rows(shown, config) if config.validate_every else None
 
