@@ -1,6 +1,6 @@
 """The ``pbe`` command: ``pbe paint`` paints one picture, ``pbe batch MANIFEST`` paints every row of a manifest with
 one model load (restartable; ``torchrun`` spreads it over processes), ``pbe convert SRC OUT`` converts a checkpoint,
-``pbe merge-lora CHECKPOINT LORA -o OUT`` folds a LoRA file into one.
+``pbe merge-lora CHECKPOINT LORA -o OUT`` folds a LoRA file into one, ``pbe train`` trains (pbe.train).
 
 ``paint`` and ``batch`` share their painting options (one definition: ``_add_paint_options``) and check them the same
 way, before anything loads: ranges (``--steps`` against the counts the sampler can run, ...), outputs that would
@@ -39,6 +39,7 @@ from .errors import COMMAND_ERRORS, CheckpointError, UsageError, error_line, exi
 from .loading import DEFAULT_REPO, looks_like_path, resolve_checkpoint
 from .pipeline import PaintByExample
 from .schedulers import SCHEDULERS, Scheduler, make_scheduler
+from .train import config as train_config
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                                                       description=convert_command.DESCRIPTION))
     _add_batch_parser(commands)
     _add_merge_lora_parser(commands)
+    _add_train_parser(commands)
     return parser
 
 
@@ -300,7 +302,7 @@ def _paint(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- pbe batch -------------------------------------------------------------------------------------------------------
+# ---- pbe batch ------------------------------------------------------------------------------------------------------
 
 
 def _add_batch_parser(commands: argparse._SubParsersAction) -> None:
@@ -432,6 +434,41 @@ def _merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- pbe train ------------------------------------------------------------------------------------------------------
+
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    """``pbe train``: one flag per TrainConfig field (generated from the dataclass, so they always agree)."""
+    train = commands.add_parser(
+        "train", help="train or fine-tune Paint by Example (the paper's recipe; torchrun spreads it over GPUs)",
+        description="Train Paint by Example with the paper's recipe (pbe.train.config.TrainConfig: every default is "
+                    "the paper's), from a config file (--config, JSON or TOML, keys = the field names, a [data] table "
+                    "for the data fields) overridden by flags. Under torchrun --nproc_per_node N -m pbe train ..., "
+                    "each process trains on its share of every batch (DDP, or FSDP2 with --strategy fsdp). Running "
+                    "the same command again continues from the last checkpoint in --output-dir.")
+    train.add_argument("--config", type=Path, default=None, help="a JSON or TOML file of settings (flags override it)")
+    for flag, (name, hint, default) in train_config.config_flags().items():
+        if hint is bool:
+            train.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=train_config.describe(name, hint, default))
+        else:
+            train.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="VALUE",
+                               help=train_config.describe(name, hint, default))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.loop import train  # loads the training machinery only when it runs
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        config = train_config.load_config(args.config, overrides)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    path = train(config)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -441,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
             return _merge_lora(args)
         if args.command == "batch":
             return _batch(args)
+        if args.command == "train":
+            with sigterm_as_interrupt():  # a SIGTERM ends the run as Ctrl-C does (the last checkpoint stays)
+                return _train(args)
         with sigterm_as_interrupt():  # a SIGTERM while loading or denoising ends the run as Ctrl-C does
             return _paint(args)
     except COMMAND_ERRORS as err:

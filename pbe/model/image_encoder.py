@@ -36,7 +36,11 @@ class ImageEncoder(nn.Module):
         self.uncond_embedding = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = rearrange(self.clip(pixel_values), "b c -> b 1 c")  # the pooled class token is a sequence of one
+        return self.head(self.clip(pixel_values))
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The part trained with the UNet: CLIP's pooled class token [B, width] -> context [B, 1, embed_dim]."""
+        x = rearrange(pooled, "b c -> b 1 c")  # the pooled class token is a sequence of one
         for block in self.mapper:
             x = block(x)
         return self.proj(self.final_norm(x))

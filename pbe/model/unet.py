@@ -15,10 +15,13 @@ layers before the first cross-attention), ``CrossAttention.one_token`` (softmax 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig
 from .layers import (Attention, Downsample, GroupNorm, GroupNormSiLU, LayerNorm, ResBlock, Upsample, timestep_embedding,
@@ -171,6 +174,15 @@ class UNet(nn.Module):
 
         self.norm_out = GroupNormSiLU(config.norm_groups, widths[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
+        # Training only: keep each block's input instead of its activations and recompute them in backward (the
+        # original trains with use_checkpoint: True). The same operations run, so results and gradients are unchanged.
+        self.gradient_checkpointing = False
+
+    def _block(self, block: Callable[..., torch.Tensor], *args: torch.Tensor | int) -> torch.Tensor:
+        """``block(*args)``, under activation checkpointing when it is on and gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         """``sample`` [B, 9, h, w], ``timestep`` (one, or one per sample), ``context`` [B, S, 768] -> noise [B, 4, h, w].
@@ -194,23 +206,24 @@ class UNet(nn.Module):
         skips = [x]
         for level in self.down:
             for i in range(len(level.res)):
-                x = level.block(i, x, time_emb, context)
+                x = self._block(level.block, i, x, time_emb, context)
                 skips.append(x)
             if level.resample is not None:
                 x = level.resample(x)
                 skips.append(x)
 
         # Middle: res block, transformer, res block at the coarsest level.
-        x = self.mid_res1(x, fan_out(time_emb, x.shape[0]))
-        x = self.mid_attn(x, context)  # from here on, every feature map has the context's batch
+        x = self._block(self.mid_res1, x, fan_out(time_emb, x.shape[0]))
+        x = self._block(self.mid_attn, x, context)  # from here on, every feature map has the context's batch
         time_emb = fan_out(time_emb, x.shape[0])
-        x = self.mid_res2(x, time_emb)
+        x = self._block(self.mid_res2, x, time_emb)
 
         # Up: concatenate the matching skip before every res block (skips from before the first cross-attention are
         # fanned out to x's batch); upsample to the size the way down had.
         for level in self.up:
             for i in range(len(level.res)):
-                x = level.block(i, torch.cat([x, fan_out(skips.pop(), x.shape[0])], dim=1), time_emb, context)
+                skip = fan_out(skips.pop(), x.shape[0])
+                x = self._block(level.block, i, torch.cat([x, skip], dim=1), time_emb, context)
             if level.resample is not None:
                 x = level.resample(x, size=skips[-1].shape[-2:])
 
