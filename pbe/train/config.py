@@ -22,13 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    from .data import DataConfig
-except ImportError:  # TODO(merge): pbe/train/data.py (helper "train-data") defines DataConfig; drop this fallback.
-    @dataclass(frozen=True)
-    class DataConfig:  # type: ignore[no-redef]
-        resolution: int = 512  # side of the square scene crop the model trains on
-        reference_size: int = 224  # side of the reference crop (CLIP's input)
+from .data import DataConfig
 
 PRECISIONS = ("fp32", "bf16")
 INITS = ("paint-by-example", "stable-diffusion")

@@ -17,7 +17,6 @@ checkpoint).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .. import devices
@@ -38,8 +37,10 @@ from ..checkpoint import NETWORK_NAMES, save_native
 from ..images import CLIP_MEAN, CLIP_STD
 from ..loading import PaintByExampleNetworks, load, resolve_checkpoint
 from ..pipeline import PaintByExample
+from . import distributed
 from . import step as train_step
 from .config import TrainConfig
+from .data import PaintByExampleDataset, make_loader
 
 FINAL_MODEL = "model.safetensors"
 FINAL_LORA = "lora.safetensors"
@@ -70,7 +71,6 @@ def train(
     prints and writes. Refused before anything slow, with a ValueError naming the setting: an output folder that
     cannot be written, no training data, a dataset smaller than one optimizer step's samples.
     """
-    distributed = _distributed()
     dist = distributed.setup(config.device)
     try:
         return _train(config, dist, distributed, dataset, validation_dataset, networks)
@@ -88,8 +88,6 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
     if dataset is None:
         if config.manifest is None:
             raise ValueError("manifest: expected the training manifest (JSONL or CSV of pictures with object boxes)")
-        from .data import PaintByExampleDataset
-
         dataset = PaintByExampleDataset(config.manifest, config=config.data, seed=config.seed)
         if validation_dataset is None and config.validation_manifest is not None:
             validation_dataset = PaintByExampleDataset(config.validation_manifest, config=config.data,
@@ -99,8 +97,9 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
         raise ValueError(f"manifest: {len(dataset)} training sample(s), fewer than one optimizer step takes "
                          f"({dist.world_size} process(es) x batch_size {config.batch_size} x grad_accumulation "
                          f"{config.grad_accumulation} = {samples_per_step})")
-    loader = _make_loader(dataset, batch_size=config.batch_size, workers=config.workers, seed=config.seed,
-                          rank=dist.rank, world_size=dist.world_size)
+    loader = make_loader(dataset if isinstance(dataset, PaintByExampleDataset) else _EpochIndexed(dataset),
+                         batch_size=config.batch_size, workers=config.workers, seed=config.seed, rank=dist.rank,
+                         world_size=dist.world_size)
     steps_per_epoch = len(loader) // config.grad_accumulation
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
@@ -160,9 +159,8 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
     try:
         while step < total_steps:
             epoch, position = divmod(step, steps_per_epoch)
-            _set_epoch(dataset, loader, epoch)
-            # TODO(merge): skip with pbe.train.data's loader itself if it offers a cheaper way than loading them.
-            batches = itertools.islice(iter(loader), position * config.grad_accumulation, None)
+            loader.batch_sampler.set_epoch(epoch, skip_batches=position * config.grad_accumulation)
+            batches = iter(loader)
             for _ in range(position, steps_per_epoch):
                 draws = train_step.draw(samples_per_step, _step_generator(config.seed, step),
                                         latent_shape=latent_shape, uncond_prob=config.uncond_prob)
@@ -198,7 +196,7 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
                     extra = {"step": step, "samples_per_step": samples_per_step, "steps_per_epoch": steps_per_epoch}
                     if ema is not None:
                         extra["ema"] = {str(i): average for i, average in enumerate(ema)}
-                    distributed.save_training_state(output_dir / "checkpoints" / f"step-{step:07d}", model=wrapped,
+                    distributed.save_training_state(distributed.checkpoint_folder(output_dir, step), model=wrapped,
                                                     optimizer=optimizer, extra=extra)
                 if step >= total_steps:
                     break
@@ -314,13 +312,6 @@ def _gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
         yield
 
 
-def _set_epoch(dataset: Dataset, loader: DataLoader, epoch: int) -> None:
-    """Tell whatever orders or augments the data which epoch it is (the order and augmentations depend on it)."""
-    for owner in (dataset, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-        if hasattr(owner, "set_epoch"):
-            owner.set_epoch(epoch)
-
-
 class _Log:
     """log.jsonl, plus TensorBoard event files when torch.utils.tensorboard can be imported (rank 0 only)."""
 
@@ -432,106 +423,20 @@ def _save_final(wrapped: nn.Module, networks: PaintByExampleNetworks, config: Tr
 
 
 def _save_lora(path: Path, unet: nn.Module, config: TrainConfig) -> None:
-    # TODO(merge): call helper "lora"'s save_lora(path, unet, ...) (its file format) instead of writing it here.
-    from safetensors.torch import save_file
+    from ..lora_files import save_lora
 
-    from ..files import write_atomically
-    from ..model.lora import lora_state_dict
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
-    metadata = {"format": "pbe-lora", "rank": str(config.lora_rank), "alpha": str(config.lora_effective_alpha),
-                "targets": "to_q,to_k,to_v,to_out", "base": str(config.checkpoint)}
-    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_lora(path, unet, base=str(config.checkpoint))
 
 
-# ---- TODO(merge): one-process stand-ins for pbe.train.distributed and pbe.train.data's make_loader ------------------
-# They follow the shared interfaces so the loop runs (and its tests pass) before those modules land; drop them then.
+class _EpochIndexed(Dataset):
+    """Any map-style dataset behind pbe.train.data's loader, whose batch sampler asks for ``(epoch, index)`` (so that
+    augmentations can depend on the epoch in worker processes too): the epoch is dropped."""
 
-
-def _distributed() -> Any:
-    try:
-        from . import distributed
-    except ImportError:
-        return _OneProcess
-    return distributed
-
-
-def _make_loader(dataset: Dataset, **kwargs: Any) -> DataLoader:
-    try:
-        from .data import make_loader
-    except ImportError:
-        return _one_process_loader(dataset, **kwargs)
-    return make_loader(dataset, **kwargs)
-
-
-class _EpochOrder(torch.utils.data.Sampler):
-    """A permutation per (seed, epoch); rank r of N takes, of each run of N * b indices, the r-th b of them."""
-
-    def __init__(self, size: int, *, batch_size: int, seed: int, rank: int, world_size: int) -> None:
-        self.size, self.batch_size, self.seed, self.rank, self.world_size = size, batch_size, seed, rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return self.size // (self.batch_size * self.world_size) * self.batch_size
+        return len(self.dataset)
 
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 2**16 + self.epoch))
-        span = self.batch_size * self.world_size
-        for start in range(0, len(self) // self.batch_size * span, span):
-            yield from order[start + self.rank * self.batch_size:start + (self.rank + 1) * self.batch_size].tolist()
-
-
-def _one_process_loader(dataset: Dataset, *, batch_size: int, workers: int, seed: int, rank: int,
-                        world_size: int) -> DataLoader:
-    sampler = _EpochOrder(len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True)
-
-
-class _OneProcess:
-    """One process, no process group; training state saved with torch.save (atomically, by a rename)."""
-
-    @staticmethod
-    def setup(device: str = "auto") -> Any:
-        import os
-        from types import SimpleNamespace
-
-        from ..devices import resolve_device
-
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError("training in several processes needs pbe.train.distributed, which is missing")
-        return SimpleNamespace(rank=0, world_size=1, local_rank=0, device=resolve_device(device))
-
-    @staticmethod
-    def teardown(dist: Any) -> None:
-        pass
-
-    @staticmethod
-    def wrap(module: nn.Module, *, strategy: str, dist: Any) -> nn.Module:
-        return module
-
-    @staticmethod
-    def save_training_state(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> None:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "extra": extra},
-                   tmp / "state.pt")
-        tmp.rename(folder)
-
-    @staticmethod
-    def load_training_state(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        state = torch.load(folder / "state.pt", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        return state["extra"]
-
-    @staticmethod
-    def latest_checkpoint(output_dir: Path) -> Path | None:
-        found = sorted((output_dir / "checkpoints").glob("step-*"))
-        return found[-1] if found else None
-
-    @staticmethod
-    def all_reduce_mean(value: torch.Tensor, dist: Any) -> torch.Tensor:
-        return value
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        return self.dataset[item[1]]
