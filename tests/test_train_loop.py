@@ -8,6 +8,8 @@ import dataclasses
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from pbe import cli
 from pbe.train import step
 from pbe.train.config import DataConfig, TrainConfig, config_flags, load_config
 from pbe.train.loop import FINAL_MODEL, LOG, accumulate_gradients, train, warmup_factor
-from tests.conftest import HUB
+from conftest import HUB
 
 RESOLUTION = 64  # the stand-in autoencoder has 4 levels: 64 px -> 8x8 latents
 LATENT = (4, RESOLUTION // 8, RESOLUTION // 8)
@@ -292,3 +294,60 @@ def test_lora_trains_only_the_lora_weights_and_writes_a_lora_file(tmp_path: Path
         saved = {k: f.get_tensor(k) for k in f.keys()}
     assert len(saved) == len(added)
     assert any(t.abs().max() > 0 for k, t in saved.items())
+
+
+# ---- the whole road a user takes: a manifest, `pbe train` (alone and under torchrun), `pbe paint` with the result ----
+
+
+def _manifest(folder: Path) -> Path:
+    """Four small noise pictures with an object box each, as a JSONL manifest."""
+    import numpy as np
+    import PIL.Image
+
+    folder.mkdir()
+    rows, rng = [], np.random.default_rng(3)
+    for i in range(4):
+        path = folder / f"scene{i}.png"
+        PIL.Image.fromarray(rng.integers(0, 256, (80 + 8 * i, 96, 3), dtype=np.uint8)).save(path)
+        rows.append(json.dumps({"image": str(path), "box": [20 + i, 16, 60, 56 + i]}))
+    manifest = folder / "train.jsonl"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+def _train_command(manifest: Path, output_dir: Path, batch_size: int) -> list[str]:
+    return ["train", "--manifest", str(manifest), "--checkpoint", str(HUB), "--output-dir", str(output_dir),
+            "--batch-size", str(batch_size), "--max-steps", "2", "--workers", "1", "--warmup-steps", "0", "--validate-every", "0", "--log-every", "1", "--device", "cpu",
+            "--data-resolution", str(RESOLUTION), "--data-reference-size", "32",  # the stand-in CLIP takes 32 px
+            "--data-elastic-affine", "10"]  # the affine shift must stay inside a 32 px reference
+
+
+def test_pbe_train_from_a_manifest_under_torchrun_trains_as_one_process_and_pbe_paints_with_it(tmp_path: Path) -> None:
+    """A manifest of pictures with boxes through the real data pipeline (workers included): 2 torchrun ranks with
+    batch 1 log the losses of one process with batch 2 (within float32 rounding of the all-reduce), and the model it
+    writes paints with `pbe paint`. At the paper's lr (1e-5): AdamW moves a weight whose gradient is pure rounding
+    noise by a full +-lr (m / sqrt(v) is then +-1), so the second step's loss carries the first step's rounding
+    differences times lr; at 1e-3 that measured 1.1e-5 relative, at 1e-5 it is 100x smaller."""
+    manifest = _manifest(tmp_path / "data")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "pbe", *_train_command(manifest, tmp_path / "one", 2)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "pbe", *_train_command(manifest, tmp_path / "two", 1)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    losses = {name: [row["loss"] for row in _log(tmp_path / name)] for name in ("one", "two")}
+    assert len(losses["one"]) == 2 and losses["two"] == pytest.approx(losses["one"], rel=1e-5), losses
+
+    example = tmp_path / "data" / "scene0.png"
+    mask = tmp_path / "mask.png"
+    import PIL.Image
+
+    PIL.Image.new("L", PIL.Image.open(example).size, 255).save(mask)
+    painted = subprocess.run([sys.executable, "-m", "pbe", "paint", "--image", str(example), "--mask", str(mask),
+                              "--example", str(example), "-o", str(tmp_path / "out.png"), "--checkpoint",
+                              str(tmp_path / "two" / FINAL_MODEL), "--steps", "2", "--seed", "0", "--device", "cpu",
+                              "--dtype", "fp32"], capture_output=True, text=True, env=env, timeout=600)
+    assert painted.returncode == 0, painted.stderr[-3000:]
+    assert PIL.Image.open(tmp_path / "out.png").size == PIL.Image.open(example).size
