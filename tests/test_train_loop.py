@@ -351,3 +351,30 @@ def test_pbe_train_from_a_manifest_under_torchrun_trains_as_one_process_and_pbe_
                               "--dtype", "fp32"], capture_output=True, text=True, env=env, timeout=600)
     assert painted.returncode == 0, painted.stderr[-3000:]
     assert PIL.Image.open(tmp_path / "out.png").size == PIL.Image.open(example).size
+
+
+@pytest.mark.parametrize("case", ["bad row", "box outside", "smaller than a batch", "unwritable output"])
+def test_pbe_train_refuses_bad_data_and_outputs_with_one_line_and_status_2(tmp_path: Path, capsys, case: str) -> None:
+    """The README's exit-status rule: what is wrong with the command's inputs is a usage error (2), said in one
+    ``error:`` line naming the file and line or the setting, before the networks load and with nothing written."""
+    manifest = _manifest(tmp_path / "data")
+    rows = manifest.read_text().splitlines()
+    output_dir, batch_size, expected = tmp_path / "run", 2, ""
+    if case == "bad row":
+        manifest.write_text("\n".join([rows[0], '{"image": "scene1.png"}', *rows[2:]]) + "\n")
+        expected = "train.jsonl:2"
+    elif case == "box outside":
+        manifest.write_text("\n".join([rows[0], rows[1].replace("[21, 16, 60, 57]", "[21, 16, 600, 57]"),
+                                       *rows[2:]]) + "\n")
+        expected = "train.jsonl:2"
+    elif case == "smaller than a batch":
+        batch_size, expected = 8, "manifest: 4 training sample(s), fewer than one optimizer step"
+    else:
+        (tmp_path / "file").write_text("in the way")
+        output_dir, expected = tmp_path / "file" / "run", "output_dir: cannot write in the folder"
+    command = _train_command(manifest, output_dir, batch_size)
+    command[command.index("--checkpoint") + 1] = str(tmp_path / "missing.ckpt")  # loading it would fail: never reached
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and expected in err, err
+    assert not (tmp_path / "run").exists()

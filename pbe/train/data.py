@@ -50,12 +50,13 @@ import PIL.ImageDraw
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import UsageError
 from ..images import CLIP_MEAN, CLIP_STD
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError):
     """A manifest, a row of it or a picture it names that cannot be used; the message names the file and line."""
 
 

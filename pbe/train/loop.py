@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .. import devices
+from ..errors import UsageError
 from ..batch import save_image
 from ..checkpoint import NETWORK_NAMES, save_native
 from ..images import CLIP_MEAN, CLIP_STD
@@ -87,14 +88,14 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
     # ---- data (refusals first: nothing slow has happened yet)
     if dataset is None:
         if config.manifest is None:
-            raise ValueError("manifest: expected the training manifest (JSONL or CSV of pictures with object boxes)")
+            raise UsageError("manifest: expected the training manifest (JSONL or CSV of pictures with object boxes)")
         dataset = PaintByExampleDataset(config.manifest, config=config.data, seed=config.seed)
         if validation_dataset is None and config.validation_manifest is not None:
             validation_dataset = PaintByExampleDataset(config.validation_manifest, config=config.data,
                                                        seed=config.seed)
     samples_per_step = dist.world_size * config.batch_size * config.grad_accumulation
     if len(dataset) < samples_per_step:
-        raise ValueError(f"manifest: {len(dataset)} training sample(s), fewer than one optimizer step takes "
+        raise UsageError(f"manifest: {len(dataset)} training sample(s), fewer than one optimizer step takes "
                          f"({dist.world_size} process(es) x batch_size {config.batch_size} x grad_accumulation "
                          f"{config.grad_accumulation} = {samples_per_step})")
     loader = make_loader(dataset if isinstance(dataset, PaintByExampleDataset) else _EpochIndexed(dataset),
@@ -105,7 +106,7 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     if not config.resume and distributed.latest_checkpoint(output_dir) is not None:
-        raise ValueError(f"resume: false, but {output_dir} holds the checkpoints of an earlier run; resume it, or "
+        raise UsageError(f"resume: false, but {output_dir} holds the checkpoints of an earlier run; resume it, or "
                          "give another output_dir")
     shown = dataset if validation_dataset is None else validation_dataset
     validation_rows = _validation_rows(shown, config) if config.validate_every else None
@@ -137,7 +138,7 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
         extra = distributed.load_training_state(latest, model=wrapped, optimizer=optimizer)
         step = int(extra["step"])
         if int(extra["samples_per_step"]) != samples_per_step or int(extra["steps_per_epoch"]) != steps_per_epoch:
-            raise ValueError(f"resume: {latest} was written by a run with {extra['samples_per_step']} samples and "
+            raise UsageError(f"resume: {latest} was written by a run with {extra['samples_per_step']} samples and "
                              f"{extra['steps_per_epoch']} steps per epoch, this one has {samples_per_step} and "
                              f"{steps_per_epoch}; resume with the same processes, batch_size and grad_accumulation, "
                              "or start a new output_dir")
@@ -237,7 +238,7 @@ def _strategy(config: TrainConfig, world_size: int) -> str:
     if config.strategy == "auto":
         return "ddp" if world_size > 1 else "none"
     if config.strategy == "none" and world_size > 1:
-        raise ValueError(f"strategy: 'none' cannot train {world_size} processes (their weights would drift apart); "
+        raise UsageError(f"strategy: 'none' cannot train {world_size} processes (their weights would drift apart); "
                          "use ddp, fsdp or auto")
     return config.strategy
 
@@ -254,7 +255,7 @@ def _writable_folder(folder: Path) -> Path:
         with tempfile.TemporaryFile(dir=existing):  # os.access is not enough: root passes it on read-only mounts
             pass
     except OSError as err:
-        raise ValueError(f"output_dir: cannot write in the folder {folder} ({err.strerror or err})") from None
+        raise UsageError(f"output_dir: cannot write in the folder {folder} ({err.strerror or err})") from None
     return folder
 
 
