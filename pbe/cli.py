@@ -471,18 +471,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"paint": _paint, "batch": _batch, "convert": convert_command.run, "merge-lora": _merge_lora,
+                "train": _train}
     try:
-        if args.command == "convert":
-            return convert_command.run(args)
-        if args.command == "merge-lora":
-            return _merge_lora(args)
-        if args.command == "batch":
-            return _batch(args)
-        if args.command == "train":
-            with sigterm_as_interrupt():  # a SIGTERM ends the run as Ctrl-C does (the last checkpoint stays)
-                return _train(args)
-        with sigterm_as_interrupt():  # a SIGTERM while loading or denoising ends the run as Ctrl-C does
-            return _paint(args)
+        with sigterm_as_interrupt():  # SIGTERM ends every command as Ctrl-C does: "interrupted", 130, nothing partial
+            return commands[args.command](args)
     except COMMAND_ERRORS as err:
         print(error_line(err), file=sys.stderr)
         return exit_status(err)

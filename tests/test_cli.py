@@ -457,3 +457,40 @@ def test_sigterm_during_denoising_ends_like_ctrl_c_and_leaves_nothing(tmp_path, 
     assert proc.returncode == 130, err
     assert err.endswith("interrupted\n") and "Traceback" not in err, err
     assert list(out_dir.iterdir()) == []
+
+
+def test_sigterm_during_a_batch_ends_like_ctrl_c_and_leaves_nothing_partial(tmp_path, inputs) -> None:
+    """`pbe batch` handles SIGTERM as Ctrl-C too (every command does): "interrupted", exit status 130, and the output
+    folder holds no partial picture (a row is written atomically or not at all)."""
+    import signal
+    import threading
+    import time
+
+    manifest = tmp_path / "rows.csv"
+    manifest.write_text("image,mask,example,output\n" + "".join(
+        f"{inputs['image']},{inputs['mask']},{inputs['example']},row{i}.png\n" for i in range(2)))
+    out_dir = tmp_path / "out"
+    environment = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.Popen([sys.executable, "-m", "pbe", "batch", str(manifest), "--output-dir", str(out_dir),
+                             "--checkpoint", str(HUB), "--steps", "900", "--device", "cpu", "--dtype", "fp32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while b"rows:" not in b"".join(chunks):  # the model is loaded and the first row is being painted
+            assert proc.poll() is None and time.monotonic() < deadline, b"".join(chunks).decode()
+            time.sleep(0.02)
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        reader.join()
+        proc.stdout.close()
+        proc.stderr.close()
+    err = b"".join(chunks).decode()
+    assert proc.returncode == 130, err
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
