@@ -131,21 +131,24 @@ def test_the_loop_accumulating_two_micro_batches_trains_as_batch_two(tmp_path: P
     assert len(set(losses[0])) == 3  # the steps differ: the comparison is not between constants
 
 
-def _train_as_rank(rank: int, world_size: int, port: int, output_dir: Path) -> None:
+def _train_as_rank(rank: int, world_size: int, port: int, output_dir: Path, strategy: str = "auto") -> None:
     """One torchrun-like process: the environment torchrun sets, then the loop."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train(_config(output_dir, batch_size=1, max_steps=3, lr=1e-3), dataset=Samples(4), networks=pbe.load(HUB))
+    train(_config(output_dir, batch_size=1, max_steps=3, lr=1e-3, strategy=strategy, checkpoint_every=2),
+          dataset=Samples(4), networks=pbe.load(HUB))
 
 
-def test_two_processes_with_batch_one_train_as_one_with_batch_two(tmp_path: Path) -> None:
-    """DDP over gloo: each process takes its sample and its rows of the step's draws; the gradients are averaged, so
-    the (all-reduced) losses are those of one process with batch 2, and rank 0 alone writes the outputs."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_with_batch_one_train_as_one_with_batch_two(tmp_path: Path, strategy: str) -> None:
+    """DDP or FSDP2 over gloo: each process takes its sample and its rows of the step's draws; the gradients are
+    averaged, so the (all-reduced) losses are those of one process with batch 2, and rank 0 alone writes the outputs
+    (a sharded run's checkpoints and its final model gathered whole)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_train_as_rank, args=(2, port, tmp_path / "two"), nprocs=2)
+    torch.multiprocessing.spawn(_train_as_rank, args=(2, port, tmp_path / "two", strategy), nprocs=2)
     train(_config(tmp_path / "one", batch_size=2, max_steps=3, lr=1e-3), dataset=Samples(4), networks=pbe.load(HUB))
     one, two = ([row["loss"] for row in _log(tmp_path / name)] for name in ("one", "two"))
     assert len(two) == 3 and two == pytest.approx(one, rel=1e-5)
