@@ -1,6 +1,7 @@
 """The ``pbe`` command: ``pbe paint`` paints one picture, ``pbe batch MANIFEST`` paints every row of a manifest with
 one model load (restartable; ``torchrun`` spreads it over processes), ``pbe convert SRC OUT`` converts a checkpoint,
-``pbe merge-lora CHECKPOINT LORA -o OUT`` folds a LoRA file into one.
+``pbe merge-lora CHECKPOINT LORA -o OUT`` folds a LoRA file into one, ``pbe eval`` measures quality
+(``pbe.evaluation.command``).
 
 ``paint`` and ``batch`` share their painting options (one definition: ``_add_paint_options``) and check them the same
 way, before anything loads: ranges (``--steps`` against the counts the sampler can run, ...), outputs that would
@@ -36,6 +37,7 @@ from . import __version__, batch, devices, images, lora_files, regions
 from .batch import OUTPUT_FORMATS, save_image
 from .checkpoint import DTYPES
 from .errors import COMMAND_ERRORS, CheckpointError, UsageError, error_line, exit_status, sigterm_as_interrupt
+from .evaluation import command as eval_command
 from .loading import DEFAULT_REPO, looks_like_path, resolve_checkpoint
 from .pipeline import PaintByExample
 from .schedulers import SCHEDULERS, Scheduler, make_scheduler
@@ -65,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                                                       description=convert_command.DESCRIPTION))
     _add_batch_parser(commands)
     _add_merge_lora_parser(commands)
+    eval_command.add_arguments(commands.add_parser("eval", help="measure quality: FID, CLIP score and QS (COCOEE)",
+                                                   description=eval_command.DESCRIPTION))
     return parser
 
 
@@ -441,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             return _merge_lora(args)
         if args.command == "batch":
             return _batch(args)
+        if args.command == "eval":
+            return eval_command.run(args)
         with sigterm_as_interrupt():  # a SIGTERM while loading or denoising ends the run as Ctrl-C does
             return _paint(args)
     except COMMAND_ERRORS as err:
