@@ -118,9 +118,10 @@ def describe(config: CLIPFeaturesConfig) -> str:
 def _real_features(real: str | os.PathLike[str], model: feat.CLIPImageFeatures, identity: str, *, batch_size: int,
                    cache_dir: Path | None, progress: bool) -> np.ndarray:
     files = list_pictures(real, flag="--real")
+    size = model.config.clip.image_size
     key = feat.cache_key("clip_preprocess", identity, [files])
     return feat.cached(_cache_path(cache_dir, "real", real, key), [f.name for f in files],
-                       lambda: feat.extract_features(model, [_prepared(feat.clip_preprocess, f) for f in files],
+                       lambda: feat.extract_features(model, [_prepared(feat.clip_preprocess, size, f) for f in files],
                                                      batch_size=batch_size, desc="real" if progress else None))
 
 
@@ -128,8 +129,8 @@ def _cache_path(cache_dir: Path | None, kind: str, folder: str | os.PathLike[str
     return None if cache_dir is None else cache_dir / f"{kind}-{Path(folder).resolve().name}-{key}.npz"
 
 
-def _prepared(prepare: Callable[..., Any], *paths: Path) -> Callable[[], Any]:
-    return lambda: prepare(*(feat.open_picture(p) for p in paths))
+def _prepared(prepare: Callable[..., Any], size: int, *paths: Path) -> Callable[[], Any]:
+    return lambda: prepare(*(feat.open_picture(p) for p in paths), size=size)
 
 
 def evaluate(pictures: Sequence[Picture], *, clip: str | os.PathLike[str], real: str | os.PathLike[str] | None = None,
@@ -145,6 +146,7 @@ def evaluate(pictures: Sequence[Picture], *, clip: str | os.PathLike[str], real:
     if not pictures:
         raise UsageError("no pictures to evaluate")
     model = feat.load_clip_features(clip, device=device)
+    size = model.config.clip.image_size
     identity = feat.model_identity(clip)
     cache = Path(cache_dir) if cache_dir is not None else None
     results = [p.result for p in pictures]
@@ -158,7 +160,7 @@ def evaluate(pictures: Sequence[Picture], *, clip: str | os.PathLike[str], real:
         key = feat.cache_key("clip_preprocess", identity, [results])
         result_features = feat.cached(
             _cache_path(cache, "results", folder, key), names,
-            lambda: feat.extract_features(model, [_prepared(feat.clip_preprocess, r) for r in results],
+            lambda: feat.extract_features(model, [_prepared(feat.clip_preprocess, size, r) for r in results],
                                           batch_size=batch_size, desc="results" if progress else None))
         if real is not None:
             real_features = _real_features(real, model, identity, batch_size=batch_size, cache_dir=cache,
@@ -177,14 +179,14 @@ def evaluate(pictures: Sequence[Picture], *, clip: str | os.PathLike[str], real:
         key = feat.cache_key("region_crop", identity, [crops])
         crop_features = feat.cached(
             _cache_path(cache, "crops", folder, key), [p.name for p in paired],
-            lambda: feat.extract_features(model, [_prepared(feat.region_crop, p.result, p.mask) for p in paired],
+            lambda: feat.extract_features(model, [_prepared(feat.region_crop, size, p.result, p.mask) for p in paired],
                                           batch_size=batch_size, desc="crops" if progress else None))
         references = [p.reference for p in paired]
         ref_folder = os.path.commonpath([str(r.parent.resolve()) for r in references])
         key = feat.cache_key("reference_pixels", identity, [references])
         reference_features = feat.cached(
             _cache_path(cache, "references", ref_folder, key), [p.name for p in paired],
-            lambda: feat.extract_features(model, [_prepared(feat.reference_pixels, r) for r in references],
+            lambda: feat.extract_features(model, [_prepared(feat.reference_pixels, size, r) for r in references],
                                           batch_size=batch_size, desc="references" if progress else None))
         scores = clip_scores(crop_features, reference_features)
         report["clip_score"] = float(scores.mean())
@@ -208,17 +210,19 @@ def score_pictures(model: feat.CLIPImageFeatures, results: Sequence[PIL.Image.Im
     if references is not None and masks is not None and not len(references) == len(masks) == len(results):
         raise ValueError(f"score_pictures: {len(results)} results, {len(references)} references, {len(masks)} masks")
     scores: dict[str, float | None] = {m: None for m in METRICS}
+    size = model.config.clip.image_size
     if real_statistics is not None or mixture is not None:
-        features = feat.extract_features(model, [lambda r=r: feat.clip_preprocess(r) for r in results],
+        features = feat.extract_features(model, [lambda r=r: feat.clip_preprocess(r, size=size) for r in results],
                                          batch_size=batch_size)
         if real_statistics is not None and len(results) >= 2:
             scores["fid"] = frechet_distance(*feature_statistics(features), *real_statistics)
         if mixture is not None:
             scores["qs"] = float(quality_scores(gmm_log_likelihood(features, mixture)).mean() * 100)
     if references is not None and masks is not None:
-        crops = feat.extract_features(model, [lambda r=r, m=m: feat.region_crop(r, m) for r, m in zip(results, masks)],
+        crops = feat.extract_features(model, [lambda r=r, m=m: feat.region_crop(r, m, size=size)
+                                                    for r, m in zip(results, masks)],
                                       batch_size=batch_size)
-        refs = feat.extract_features(model, [lambda r=r: feat.reference_pixels(r) for r in references],
+        refs = feat.extract_features(model, [lambda r=r: feat.reference_pixels(r, size=size) for r in references],
                                      batch_size=batch_size)
         scores["clip_score"] = float(clip_scores(crops, refs).mean())
     return scores
