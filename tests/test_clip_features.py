@@ -79,7 +79,8 @@ def test_vit_b32_is_the_default() -> None:
     with torch.device("meta"):
         reference = CLIPVisionModelWithProjection(CLIPVisionConfig(projection_dim=512))
         ours = CLIPImageFeatures(CLIPFeaturesConfig())
-    assert {k: v.shape for k, v in convert_shapes(reference).items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    expected = {k: v.shape for k, v in convert_shapes(reference).items()}
+    assert expected == {k: v.shape for k, v in ours.state_dict().items()}
 
 
 def convert_shapes(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -64,8 +64,10 @@ def test_frechet_distance_refuses_bad_statistics() -> None:
     with pytest.raises(ValueError, match="sigma2 holds values that are not finite"):
         frechet_distance(mu, sigma, mu, np.full((4, 4), np.nan))
     not_a_covariance = np.diag([1.0, 1.0, 1.0, -1.0])  # sqrt(-1) = 1j: pytorch-fid raises "Imaginary component"
-    with pytest.raises(ValueError, match="imaginary component 1"):
+    with pytest.raises(ValueError, match="covariance product has a negative eigenvalue.*imaginary component 1"):
         frechet_distance(mu, sigma, mu, not_a_covariance)
+    with pytest.raises(ValueError, match="first covariance has a negative eigenvalue.*imaginary component 1"):
+        frechet_distance(mu, not_a_covariance, mu, sigma)
 
 
 def test_frechet_distance_retries_with_the_offset(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,12 +107,12 @@ def pictures_from_manifest(manifest: str | os.PathLike[str], results: str | os.P
 
 
 def describe(config: CLIPFeaturesConfig) -> str:
-    """``ViT-B/32`` for the paper's CLIP, else the size of the one used (whose numbers the paper's do not compare with)."""
+    """``ViT-B/32`` for the paper's CLIP, else the size of the one used (the paper's numbers do not compare)."""
     if config == CLIPFeaturesConfig():
         return "ViT-B/32"
     c = config.clip
-    return (f"not the paper's ViT-B/32: width {c.width}, {c.layers} layers, patch {c.patch_size}, image {c.image_size}, "
-            f"projection {config.projection_dim}")
+    return (f"not the paper's ViT-B/32: width {c.width}, {c.layers} layers, patch {c.patch_size}, "
+            f"image {c.image_size}, projection {config.projection_dim}")
 
 
 def _real_features(real: str | os.PathLike[str], model: feat.CLIPImageFeatures, identity: str, *, batch_size: int,

@@ -47,7 +47,7 @@ def _refuse_imaginary(eigenvalues: np.ndarray, *, name: str) -> None:
 
 
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """tr((S1 S2)^(1/2)) = sum of sqrt(eig(S1^(1/2) S2 S1^(1/2))): the same eigenvalues, from symmetric matrices only."""
+    """tr((S1 S2)^(1/2)) = sum of sqrt(eig(S1^(1/2) S2 S1^(1/2))): the same eigenvalues, from symmetric matrices."""
     root1 = _symmetric_root(sigma1, name="the first covariance")
     product = root1 @ sigma2 @ root1
     values = np.linalg.eigvalsh((product + product.T) / 2)
