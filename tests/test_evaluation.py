@@ -201,6 +201,20 @@ def test_score_pictures_equals_the_file_path(cocoee: Path) -> None:
     assert scores["fid"] is None and scores["qs"] is None
 
 
+def test_a_bad_mask_is_named(cocoee: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for p in (cocoee / "Mask").iterdir():
+        (masks / p.name).write_bytes(p.read_bytes())
+    PIL.Image.new("L", (80, 72), 0).save(masks / "000000000003_mask.png")
+    argv = ["eval", "--clip", str(cocoee / "clip"), "--results", str(cocoee / "results"), "--references",
+            str(cocoee / "Ref"), "--masks", str(masks), "--no-cache", "-o", str(tmp_path / "r.json")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"error: .*000000000003_GT.png with .*000000000003_mask.png: mask: no white", err), err
+    assert not (tmp_path / "r.json").exists()
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     ([], "nothing to measure"),
     (["--references", "REF"], "--references and --masks go together"),

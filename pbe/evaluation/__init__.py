@@ -130,7 +130,15 @@ def _cache_path(cache_dir: Path | None, kind: str, folder: str | os.PathLike[str
 
 
 def _prepared(prepare: Callable[..., Any], size: int, *paths: Path) -> Callable[[], Any]:
-    return lambda: prepare(*(feat.open_picture(p) for p in paths), size=size)
+    """``prepare`` on the pictures ``paths``, deferred; its errors name the files."""
+
+    def run() -> Any:
+        try:
+            return prepare(*(feat.open_picture(p) for p in paths), size=size)
+        except (OSError, ValueError) as err:
+            raise type(err)(f"{' with '.join(str(p) for p in paths)}: {err}") from None
+
+    return run
 
 
 def evaluate(pictures: Sequence[Picture], *, clip: str | os.PathLike[str], real: str | os.PathLike[str] | None = None,
