@@ -182,6 +182,7 @@ def test_pbe_eval_reads_pbe_batchs_manifest_and_caches(cocoee: Path, tmp_path: P
         raise AssertionError("features computed again despite the cache")
 
     monkeypatch.setattr(feat, "extract_features", no_model)
+    monkeypatch.setattr(feat, "load_clip_features", no_model)  # all cached: the model is not even loaded
     assert main(argv) == 0
     assert json.loads((tmp_path / "r.json").read_text())["clip_score"] == first["clip_score"]
 

@@ -68,6 +68,26 @@ def _refuse_other(found: CLIPFeaturesConfig, config: CLIPFeaturesConfig, origin:
                               f"{_hint(config)}")
 
 
+def expected_config(src: str | Path, *, config: CLIPFeaturesConfig | None = None,
+                    name: str = "clip_checkpoint") -> CLIPFeaturesConfig:
+    """The model a checkpoint will be read as, without reading its weights: ``config`` if given (a folder's
+    config.json must describe it), else the folder's config.json, else (a bare weights file) ViT-B/32.
+    ``CheckpointError`` for a missing path, a folder without config.json or with another model's."""
+    path = Path(src).expanduser()
+    origin = f"{name} {path}"
+    if not path.exists():
+        raise CheckpointError(f"{origin}: no such file or folder")
+    if not path.is_dir():
+        return config or CLIPFeaturesConfig()
+    config_path = path / CLIP_CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{origin}: a folder without {CLIP_CONFIG_FILE}; expected a transformers CLIP "
+                              f"checkpoint folder, or its weights file")
+    described = features_config_from_transformers(read_json(config_path), origin=str(config_path))
+    _refuse_other(described, config or described, origin)
+    return config or described
+
+
 def convert_clip_features(src: str | Path, *, config: CLIPFeaturesConfig | None = None,
                           name: str = "clip_checkpoint") -> tuple[CLIPFeaturesConfig, dict[str, torch.Tensor]]:
     """The config and state dict of ``CLIPImageFeatures`` from a transformers CLIP checkpoint file or folder.
@@ -77,23 +97,13 @@ def convert_clip_features(src: str | Path, *, config: CLIPFeaturesConfig | None 
     path: no such file, no vision tower or no projection in it, a model of another size than expected (a folder's
     config.json compared field by field, a file's shapes), unexpected or missing tensors.
     """
-    path = Path(src).expanduser()
+    config = expected_config(src, config=config, name=name)
+    path = weights = Path(src).expanduser()
     origin = f"{name} {path}"
-    if not path.exists():
-        raise CheckpointError(f"{origin}: no such file or folder")
-    weights = path
     if path.is_dir():
-        config_path = path / CLIP_CONFIG_FILE
-        if not config_path.is_file():
-            raise CheckpointError(f"{origin}: a folder without {CLIP_CONFIG_FILE}; expected a transformers CLIP "
-                                  f"checkpoint folder, or its weights file")
-        described = features_config_from_transformers(read_json(config_path), origin=str(config_path))
-        config = config or described
-        _refuse_other(described, config, origin)
         weights = next((path / n for n in CLIP_WEIGHT_FILES if (path / n).is_file()), None)
         if weights is None:
             raise CheckpointError(f"{origin}: no weights file (looked for {' or '.join(CLIP_WEIGHT_FILES)})")
-    config = config or CLIPFeaturesConfig()
     source = read_tensors(weights)
     shapes = {k: v.shape for k, v in source.items()}
     _refuse_other(_config_from_shapes(shapes, config, origin), config, origin)

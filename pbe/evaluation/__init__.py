@@ -115,14 +115,12 @@ def describe(config: CLIPFeaturesConfig) -> str:
             f"image {c.image_size}, projection {config.projection_dim}")
 
 
-def _real_features(real: str | os.PathLike[str], model: feat.CLIPImageFeatures, identity: str, *, batch_size: int,
-                   cache_dir: Path | None, progress: bool) -> np.ndarray:
+def _real_features(real: str | os.PathLike[str], features_of: Callable[[list, str], np.ndarray], identity: str, *,
+                   size: int, cache_dir: Path | None) -> np.ndarray:
     files = list_pictures(real, flag="--real")
-    size = model.config.clip.image_size
     key = feat.cache_key("clip_preprocess", identity, [files])
     return feat.cached(_cache_path(cache_dir, "real", real, key), [f.name for f in files],
-                       lambda: feat.extract_features(model, [_prepared(feat.clip_preprocess, size, f) for f in files],
-                                                     batch_size=batch_size, desc="real" if progress else None))
+                       lambda: features_of([_prepared(feat.clip_preprocess, size, f) for f in files], "real"))
 
 
 def _cache_path(cache_dir: Path | None, kind: str, folder: str | os.PathLike[str], key: str) -> Path | None:
@@ -153,26 +151,31 @@ def evaluate(pictures: Sequence[Picture], *, clip: str | os.PathLike[str], real:
     """
     if not pictures:
         raise UsageError("no pictures to evaluate")
-    model = feat.load_clip_features(clip, device=device)
-    size = model.config.clip.image_size
+    config = feat.clip_config(clip)
+    size = config.clip.image_size
+    loaded: list[feat.CLIPImageFeatures] = []  # the model loads on the first features the cache does not hold
+
+    def features_of(prepared: list[Callable[[], Any]], desc: str) -> np.ndarray:
+        if not loaded:
+            loaded.append(feat.load_clip_features(clip, config=config, device=device))
+        return feat.extract_features(loaded[0], prepared, batch_size=batch_size, desc=desc if progress else None)
+
     identity = feat.model_identity(clip)
     cache = Path(cache_dir) if cache_dir is not None else None
     results = [p.result for p in pictures]
     names = [p.name for p in pictures]
     folder = os.path.commonpath([str(r.parent.resolve()) for r in results])
     report: dict[str, Any] = {"pictures": len(pictures), "fid": None, "clip_score": None, "qs": None,
-                              "clip_checkpoint": str(clip), "clip_model": describe(model.config)}
+                              "clip_checkpoint": str(clip), "clip_model": describe(config)}
     per_picture: dict[str, dict[str, float]] = {n: {} for n in names}
 
     if real is not None or mixture is not None:
         key = feat.cache_key("clip_preprocess", identity, [results])
         result_features = feat.cached(
             _cache_path(cache, "results", folder, key), names,
-            lambda: feat.extract_features(model, [_prepared(feat.clip_preprocess, size, r) for r in results],
-                                          batch_size=batch_size, desc="results" if progress else None))
+            lambda: features_of([_prepared(feat.clip_preprocess, size, r) for r in results], "results"))
         if real is not None:
-            real_features = _real_features(real, model, identity, batch_size=batch_size, cache_dir=cache,
-                                           progress=progress)
+            real_features = _real_features(real, features_of, identity, size=size, cache_dir=cache)
             report["fid"] = frechet_distance(*feature_statistics(result_features), *feature_statistics(real_features))
             report["real_pictures"] = len(real_features)
         if mixture is not None:
@@ -187,15 +190,13 @@ def evaluate(pictures: Sequence[Picture], *, clip: str | os.PathLike[str], real:
         key = feat.cache_key("region_crop", identity, [crops])
         crop_features = feat.cached(
             _cache_path(cache, "crops", folder, key), [p.name for p in paired],
-            lambda: feat.extract_features(model, [_prepared(feat.region_crop, size, p.result, p.mask) for p in paired],
-                                          batch_size=batch_size, desc="crops" if progress else None))
+            lambda: features_of([_prepared(feat.region_crop, size, p.result, p.mask) for p in paired], "crops"))
         references = [p.reference for p in paired]
         ref_folder = os.path.commonpath([str(r.parent.resolve()) for r in references])
         key = feat.cache_key("reference_pixels", identity, [references])
         reference_features = feat.cached(
             _cache_path(cache, "references", ref_folder, key), [p.name for p in paired],
-            lambda: feat.extract_features(model, [_prepared(feat.reference_pixels, size, r) for r in references],
-                                          batch_size=batch_size, desc="references" if progress else None))
+            lambda: features_of([_prepared(feat.reference_pixels, size, r) for r in references], "references"))
         scores = clip_scores(crop_features, reference_features)
         report["clip_score"] = float(scores.mean())
         for p, s in zip(paired, scores):

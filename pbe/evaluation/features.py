@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from weights_convert.clip_features import convert_clip_features
+from weights_convert.clip_features import convert_clip_features, expected_config
 
 from ..files import write_atomically
 from ..images import CLIP_MEAN, CLIP_STD
@@ -97,6 +97,11 @@ def load_clip_features(checkpoint: str | os.PathLike[str], *, config: CLIPFeatur
         model = CLIPImageFeatures(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.float().eval().to(device)
+
+
+def clip_config(checkpoint: str | os.PathLike[str]) -> CLIPFeaturesConfig:
+    """The model ``load_clip_features(checkpoint)`` builds, read without its weights (``CheckpointError`` as there)."""
+    return expected_config(checkpoint, name="clip")
 
 
 @torch.no_grad()
