@@ -1,6 +1,7 @@
 """The ``pbe`` command: ``pbe paint`` paints one picture, ``pbe batch MANIFEST`` paints every row of a manifest with
 one model load (restartable; ``torchrun`` spreads it over processes), ``pbe convert SRC OUT`` converts a checkpoint,
-``pbe merge-lora CHECKPOINT LORA -o OUT`` folds a LoRA file into one, ``pbe train`` trains (pbe.train).
+``pbe merge-lora CHECKPOINT LORA -o OUT`` folds a LoRA file into one, ``pbe train`` trains (pbe.train),
+``pbe eval`` measures quality (``pbe.evaluation.command``).
 
 ``paint`` and ``batch`` share their painting options (one definition: ``_add_paint_options``) and check them the same
 way, before anything loads: ranges (``--steps`` against the counts the sampler can run, ...), outputs that would
@@ -36,6 +37,7 @@ from . import __version__, batch, devices, images, lora_files, regions
 from .batch import OUTPUT_FORMATS, save_image
 from .checkpoint import DTYPES
 from .errors import COMMAND_ERRORS, CheckpointError, UsageError, error_line, exit_status, sigterm_as_interrupt
+from .evaluation import command as eval_command
 from .loading import DEFAULT_REPO, looks_like_path, resolve_checkpoint
 from .pipeline import PaintByExample
 from .schedulers import SCHEDULERS, Scheduler, make_scheduler
@@ -67,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_batch_parser(commands)
     _add_merge_lora_parser(commands)
     _add_train_parser(commands)
+    eval_command.add_arguments(commands.add_parser("eval", help="measure quality: FID, CLIP score and QS (COCOEE)",
+                                                   description=eval_command.DESCRIPTION))
     return parser
 
 
@@ -472,7 +476,7 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"paint": _paint, "batch": _batch, "convert": convert_command.run, "merge-lora": _merge_lora,
-                "train": _train}
+                "train": _train, "eval": eval_command.run}
     try:
         with sigterm_as_interrupt():  # SIGTERM ends every command as Ctrl-C does: "interrupted", 130, nothing partial
             return commands[args.command](args)

@@ -31,6 +31,7 @@ LAYERS = [
     ("pbe.lora_files",),  # LoRA files (pbe's and diffusers'/peft's) and merging one into a checkpoint
     ("pbe.pipeline",),
     ("pbe.batch",),  # many pictures, many processes: on top of the pipeline
+    ("pbe.evaluation",),  # quality metrics (FID, CLIP score, QS) of painted pictures: reads pbe batch's manifests
     ("pbe.train",),  # training: recipe, step, loop, data, processes; validation paints through the pipeline
     ("pbe.cli",),
     ("pbe.__main__",),  # `python -m pbe`
@@ -161,9 +162,10 @@ def test_the_converter_and_pbe_meet_in_few_places() -> None:
             if i.partition(".")[0] == "pbe"}
     assert {i for _, i in used if not any(i == a or i.startswith(f"{a}.") for a in allowed)} == set()
     # pbe reaches the converter from its loading layer, its LoRA files (diffusers' LoRA names), and `pbe convert` runs
-    # the converter's command; the paper's initialisation reads Stable Diffusion and CLIP through it.
+    # the converter's command; the paper's initialisation reads Stable Diffusion and CLIP through it, the metrics
+    # CLIP ViT-B/32.
     reaching = {m for m in MODULES if m.startswith("pbe") and any(i.startswith("weights_convert") for i in _imports(m, ours))}
-    assert reaching == {"pbe.loading", "pbe.lora_files", "pbe.cli", "pbe.train.init"}
+    assert reaching == {"pbe.loading", "pbe.lora_files", "pbe.cli", "pbe.train.init", "pbe.evaluation.features"}
 
 
 def test_pbe_model_imports_only_torch_and_einops() -> None:

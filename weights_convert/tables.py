@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from pbe.model.config import AutoencoderConfig, ImageEncoderConfig, UNetConfig
+from pbe.model.config import AutoencoderConfig, CLIPFeaturesConfig, ImageEncoderConfig, UNetConfig
 
 
 class Transform(Enum):
@@ -81,7 +81,7 @@ def _spatial_transformer(ours: str, theirs: str) -> list[Rule]:
     ]
 
 
-def _clip_tower(config: ImageEncoderConfig, towers: tuple[str, ...]) -> list[Rule]:
+def _clip_tower(config: ImageEncoderConfig | CLIPFeaturesConfig, towers: tuple[str, ...]) -> list[Rule]:
     """The CLIP vision tower under one of ``towers`` (alternative spellings of its prefix)."""
 
     def clip(ours: str, theirs: str) -> Rule:
@@ -242,6 +242,13 @@ def transformers_clip_tower_rules(config: ImageEncoderConfig) -> list[Rule]:
 TRANSFORMERS_CLIP_TOWERS = ("vision_model", "")
 
 
+# ---- the paper's metrics: CLIP's image features (ViT-B/32), its vision tower and visual projection -----------------
+
+def transformers_clip_features_rules(config: CLIPFeaturesConfig) -> list[Rule]:
+    """``CLIPImageFeatures`` -> a transformers ``CLIPModel`` or ``CLIPVisionModelWithProjection`` file."""
+    return [*_clip_tower(config, TRANSFORMERS_CLIP_TOWERS), rule("projection", "visual_projection")]
+
+
 RULES: dict[str, dict[str, Callable[..., list[Rule]]]] = {
     "diffusers": {"unet": diffusers_unet_rules, "vae": diffusers_vae_rules, "image_encoder": diffusers_image_encoder_rules},
     "ldm": {"unet": ldm_unet_rules, "vae": ldm_vae_rules, "image_encoder": ldm_image_encoder_rules},
@@ -302,6 +309,12 @@ CLIP_IGNORED_PREFIXES = [("text_model.", "CLIP's text tower; " + _NOT_THE_TOWER)
 CLIP_IGNORED = [("text_projection.weight", _NOT_THE_TOWER), ("visual_projection.weight", _NOT_THE_TOWER),
                 ("logit_scale", _NOT_THE_TOWER), ("vision_model.embeddings.position_ids", _POSITION_IDS),
                 ("embeddings.position_ids", _POSITION_IDS)]
+# The same files read for CLIP's image features (the projection is used there).
+_TEXT_SIDE = "CLIP's text side; image features need the vision tower and its projection only"
+CLIP_FEATURES_IGNORED_PREFIXES = [("text_model.", _TEXT_SIDE)]
+CLIP_FEATURES_IGNORED = [("text_projection.weight", _TEXT_SIDE), ("logit_scale", _TEXT_SIDE),
+                         ("vision_model.embeddings.position_ids", _POSITION_IDS),
+                         ("embeddings.position_ids", _POSITION_IDS)]
 
 # ---- LoRA files of diffusers and peft, for the UNet's attention projections ------------------------------------------
 # The spellings of one low-rank pair (down [rank, in], up [out, rank]) in their files, newest first. `{module}`: their

@@ -2,7 +2,8 @@
 
 Pixels [B, 3, 224, 224] -> 16x16 patches + a class token -> 24 pre-LN transformer layers (quick-GELU MLPs) ->
 the post-LayerNorm class token [B, 1024] (Hugging Face's ``pooler_output``). The CLIP projection is not used by
-Paint by Example and is not built.
+Paint by Example; ``CLIPImageFeatures`` adds it for CLIP's image features (``get_image_features``), which the paper's
+metrics compute with ViT-B/32.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from .config import CLIPVisionConfig
+from .config import CLIPFeaturesConfig, CLIPVisionConfig
 from .layers import LayerNorm, TransformerLayer
 
 
@@ -47,3 +48,16 @@ class CLIPVisionTower(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.post_norm(x[:, 0])
+
+
+class CLIPImageFeatures(nn.Module):
+    """``features(pixel_values [B, 3, S, S]) -> [B, projection_dim]``: CLIP's image embedding, not normalised."""
+
+    def __init__(self, config: CLIPFeaturesConfig = CLIPFeaturesConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.clip = CLIPVisionTower(config.clip)
+        self.projection = nn.Linear(config.clip.width, config.projection_dim, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.clip(pixel_values))

@@ -76,6 +76,19 @@ class CLIPVisionConfig:
                              f"image_size {self.image_size} by patch_size={self.patch_size}")
 
 
+def clip_vit_b32() -> CLIPVisionConfig:
+    """CLIP ViT-B/32's vision tower: the network of the paper's COCOEE metrics (not of Paint by Example itself)."""
+    return CLIPVisionConfig(patch_size=32, width=768, layers=12, heads=12, mlp_dim=3072)
+
+
+@dataclass(frozen=True)
+class CLIPFeaturesConfig:
+    """CLIP's image features: the tower's pooled token through the visual projection; ViT-B/32 by default."""
+
+    clip: CLIPVisionConfig = field(default_factory=clip_vit_b32)
+    projection_dim: int = 512  # width of CLIP's joint image-text space
+
+
 @dataclass(frozen=True)
 class ImageEncoderConfig:
     clip: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
