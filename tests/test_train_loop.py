@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 
 import pbe
 from pbe import cli
+from pbe.images import CLIP_MEAN, CLIP_STD
 from pbe.train import step
 from pbe.train.config import DataConfig, TrainConfig, config_flags, load_config
 from pbe.train.loop import FINAL_MODEL, LOG, accumulate_gradients, train, warmup_factor
@@ -381,3 +383,36 @@ def test_pbe_train_refuses_bad_data_and_outputs_with_one_line_and_status_2(tmp_p
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and expected in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_validation_logs_pbe_evals_clip_score_of_its_paintings(tmp_path: Path) -> None:
+    """With ``validation_clip`` (a CLIP checkpoint, as `pbe eval` takes), each validation also logs the region CLIP
+    score of its paintings against their references: the number pbe.evaluation.score_pictures gives for the
+    paintings in the grid (8-bit pictures, as the loop scores them)."""
+    from test_clip_features import _tiny_clip
+
+    import PIL.Image
+
+    from pbe.evaluation import score_pictures
+    from pbe.evaluation.features import load_clip_features
+
+    clip = tmp_path / "clip"
+    _tiny_clip(clip)
+    with pytest.raises(ValueError, match="validation_clip: .*missing: no such file or folder"):
+        train(_config(tmp_path / "refused", validate_every=2, validation_clip=str(tmp_path / "missing")),
+              dataset=Samples(4))
+    train(_config(tmp_path / "run", max_steps=2, validate_every=2, validation_samples=2, validation_steps=2,
+                  validation_clip=str(clip)), dataset=Samples(4), networks=pbe.load(HUB))
+    scores = [row for row in _log(tmp_path / "run") if "validation_clip_score" in row]
+    assert [row["step"] for row in scores] == [2]
+    grid = torch.as_tensor(np.array(PIL.Image.open(tmp_path / "run" / "validation" / "step-0000002.png")))
+    samples = Samples(2)
+    to_picture = lambda t: PIL.Image.fromarray(t.numpy())  # noqa: E731
+    painted = [to_picture(grid[i * RESOLUTION:(i + 1) * RESOLUTION, 2 * RESOLUTION:]) for i in range(2)]
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    references = [to_picture(((samples[i]["reference"] * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+                             .permute(1, 2, 0)) for i in range(2)]
+    masks = [PIL.Image.fromarray(((1 - samples[i]["keep_mask"][0]) * 255).to(torch.uint8).numpy(), "L")
+             for i in range(2)]
+    expected = score_pictures(load_clip_features(clip), painted, references=references, masks=masks)["clip_score"]
+    assert scores[0]["validation_clip_score"] == pytest.approx(expected, rel=1e-9)

@@ -74,6 +74,9 @@ class TrainConfig:
     validation_samples: int = 4  # rows painted into each grid
     validation_steps: int = 20  # denoising steps of the validation paintings
     validation_guidance: float = 5.0  # their classifier-free guidance scale
+    validation_clip: str | None = None  # a CLIP ViT-B/32 checkpoint (transformers CLIPModel, as pbe eval takes): each
+    # validation also logs its paintings' region CLIP score (pbe.evaluation; the paper's metric)
+    validation_mixture: Path | None = None  # with validation_clip: a QS mixture (.npz, as pbe eval takes): log QS too
 
     data: DataConfig = field(default_factory=DataConfig)  # sample construction (pbe.train.data)
 
@@ -103,6 +106,8 @@ class TrainConfig:
         if self.init == "stable-diffusion" and (self.sd_checkpoint is None or self.clip_checkpoint is None):
             raise ValueError("init: 'stable-diffusion' needs sd_checkpoint and clip_checkpoint "
                              f"(got {self.sd_checkpoint!r} and {self.clip_checkpoint!r})")
+        if self.validation_mixture is not None and self.validation_clip is None:
+            raise ValueError("validation_mixture: given without validation_clip (QS scores CLIP features)")
         if self.strategy == "fsdp" and self.lora_rank is not None:
             raise ValueError("strategy: 'fsdp' shards the whole UNet for full fine-tuning; a LoRA trains too few "
                              "weights to need it: use 'ddp' (or 'auto') with lora_rank")

@@ -93,6 +93,10 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
         if validation_dataset is None and config.validation_manifest is not None:
             validation_dataset = PaintByExampleDataset(config.validation_manifest, config=config.data,
                                                        seed=config.seed)
+    for name in ("validation_clip", "validation_mixture"):
+        value = getattr(config, name)
+        if value is not None and not Path(value).expanduser().exists():
+            raise UsageError(f"{name}: {value}: no such file or folder")
     samples_per_step = dist.world_size * config.batch_size * config.grad_accumulation
     if len(dataset) < samples_per_step:
         raise UsageError(f"manifest: {len(dataset)} training sample(s), fewer than one optimizer step takes "
@@ -191,8 +195,10 @@ def _train(config: TrainConfig, dist: Any, distributed: Any, dataset: Dataset | 
                               steps_per_second=window_steps / elapsed if elapsed > 0 else None)
                     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
                 if validation_rows is not None and step % config.validate_every == 0:
-                    _validate(wrapped, networks, validation_rows, config, output_dir / "validation" /
-                              f"step-{step:07d}.png", write=is_main)
+                    painted = _validate(wrapped, networks, validation_rows, config, output_dir / "validation" /
+                                        f"step-{step:07d}.png", write=is_main)
+                    if painted is not None and config.validation_clip is not None:
+                        log.write(step=step, **_validation_scores(painted, validation_rows, config))
                 if step % config.checkpoint_every == 0 or step == total_steps:
                     extra = {"step": step, "samples_per_step": samples_per_step, "steps_per_epoch": steps_per_epoch}
                     if ema is not None:
@@ -360,9 +366,10 @@ def _validation_rows(dataset: Dataset, config: TrainConfig) -> dict[str, torch.T
 
 @torch.no_grad()
 def _validate(wrapped: nn.Module, networks: PaintByExampleNetworks, rows: dict[str, torch.Tensor],
-              config: TrainConfig, path: Path, *, write: bool) -> None:
+              config: TrainConfig, path: Path, *, write: bool) -> torch.Tensor | None:
     """Paint the validation rows with the networks as they are now; one grid PNG, a row per sample: masked scene,
-    example, painting. Every process paints (FSDP2 needs all of them to gather the weights); rank 0 writes."""
+    example, painting. Every process paints (FSDP2 needs all of them to gather the weights); rank 0 writes and gets
+    the paintings back ([N, 3, H, W] in [0, 1]; the others None)."""
     networks.unet.eval()
     networks.image_encoder.eval()
     if hasattr(wrapped, "unshard"):  # FSDP2: the root's own weights, gathered outside its forward
@@ -380,7 +387,7 @@ def _validate(wrapped: nn.Module, networks: PaintByExampleNetworks, rows: dict[s
         networks.unet.train()
         networks.image_encoder.train()
     if not write:
-        return
+        return None
     size = image.shape[-1]
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     example = torch.nn.functional.interpolate(rows["reference"] * std + mean, size=(size, size), mode="bilinear")
@@ -391,6 +398,35 @@ def _validate(wrapped: nn.Module, networks: PaintByExampleNetworks, rows: dict[s
     pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(PIL.Image.fromarray(pixels), path)
+    return painted.cpu()
+
+
+def _validation_scores(painted: torch.Tensor, rows: dict[str, torch.Tensor], config: TrainConfig) -> dict[str, float]:
+    """pbe eval's metrics of the validation paintings (``validation_clip``): the region CLIP score against the
+    (augmented) references, in the box around each repaint mask, and QS with ``validation_mixture``; FID needs far
+    more pictures than a validation set holds and is left to ``pbe eval``."""
+    import PIL.Image
+
+    from ..evaluation import score_pictures
+    from ..evaluation.features import load_clip_features
+    from ..evaluation.metrics import load_gaussian_mixture
+
+    clip = _CLIP.get(config.validation_clip)
+    if clip is None:  # loaded once per run
+        clip = _CLIP.setdefault(config.validation_clip, load_clip_features(config.validation_clip))
+    mixture = load_gaussian_mixture(config.validation_mixture) if config.validation_mixture is not None else None
+
+    def picture(pixels: torch.Tensor) -> PIL.Image.Image:  # [3, H, W] in [0, 1]
+        return PIL.Image.fromarray((pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    references = [picture(r * std + mean) for r in rows["reference"]]
+    masks = [PIL.Image.fromarray(((1 - m[0]) * 255).round().to(torch.uint8).numpy(), "L") for m in rows["keep_mask"]]
+    scores = score_pictures(clip, [picture(x) for x in painted], references=references, masks=masks, mixture=mixture)
+    return {f"validation_{name}": value for name, value in scores.items() if value is not None}
+
+
+_CLIP: dict[str, nn.Module] = {}  # validation_clip checkpoints already loaded in this process
 
 
 # ---- the final model ------------------------------------------------------------------------------------------------
