@@ -429,9 +429,8 @@ def _merge_lora(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise UsageError(f"-o {out}: exists; pass --overwrite to replace it")
     _check_writable_folder("-o", out.parent, create=False)
-    with sigterm_as_interrupt():
-        meta = lora_files.merge_into_checkpoint(checkpoint, args.lora, out, scale=args.scale,
-                                                dtype=DTYPES[args.dtype], config=args.config)
+    meta = lora_files.merge_into_checkpoint(checkpoint, args.lora, out, scale=args.scale, dtype=DTYPES[args.dtype],
+                                            config=args.config)
     print(f"merged {args.lora} ({meta.format}, rank {meta.rank}, alpha {meta.alpha:g}, "
           f"{','.join(meta.targets)}) at scale {args.scale:g} into {args.checkpoint}", file=sys.stderr)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype})", file=sys.stderr)

@@ -424,17 +424,14 @@ def test_a_run_that_started_and_failed_exits_1(tmp_path, hub, inputs, capsys, mo
     assert not (tmp_path / "out.png").exists()
 
 
-def test_sigterm_during_denoising_ends_like_ctrl_c_and_leaves_nothing(tmp_path, inputs) -> None:
-    """`pbe paint` handles SIGTERM as Ctrl-C (README): sent once the progress bar shows a step, the run ends with
-    "interrupted" and exit status 130, and no output (nor a partial one) is left."""
+def _sigterm_once(args: list[str], ready: bytes) -> tuple[int, str]:
+    """Run ``pbe ARGS``, send it SIGTERM once its stderr matches the regex ``ready``, and return its exit status and
+    stderr."""
     import re
     import signal
     import threading
     import time
 
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    args = paint_args(inputs, out_dir / "out.png", HUB, "--steps", "900", "--device", "cpu", "--dtype", "fp32")
     environment = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
     proc = subprocess.Popen([sys.executable, "-m", "pbe", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=environment)
@@ -443,7 +440,7 @@ def test_sigterm_during_denoising_ends_like_ctrl_c_and_leaves_nothing(tmp_path, 
     reader.start()
     try:
         deadline = time.monotonic() + 120
-        while not re.search(rb"denoising: .*\| *[1-9][0-9]*/9", b"".join(chunks)):
+        while not re.search(ready, b"".join(chunks)):
             assert proc.poll() is None and time.monotonic() < deadline, b"".join(chunks).decode()
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
@@ -453,8 +450,17 @@ def test_sigterm_during_denoising_ends_like_ctrl_c_and_leaves_nothing(tmp_path, 
         reader.join()
         proc.stdout.close()
         proc.stderr.close()
-    err = b"".join(chunks).decode()
-    assert proc.returncode == 130, err
+    return proc.returncode, b"".join(chunks).decode()
+
+
+def test_sigterm_during_denoising_ends_like_ctrl_c_and_leaves_nothing(tmp_path, inputs) -> None:
+    """`pbe paint` handles SIGTERM as Ctrl-C (README): sent once the progress bar shows a step, the run ends with
+    "interrupted" and exit status 130, and no output (nor a partial one) is left."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = paint_args(inputs, out_dir / "out.png", HUB, "--steps", "900", "--device", "cpu", "--dtype", "fp32")
+    status, err = _sigterm_once(args, rb"denoising: .*\| *[1-9][0-9]*/9")
+    assert status == 130, err
     assert err.endswith("interrupted\n") and "Traceback" not in err, err
     assert list(out_dir.iterdir()) == []
 
@@ -462,35 +468,14 @@ def test_sigterm_during_denoising_ends_like_ctrl_c_and_leaves_nothing(tmp_path, 
 def test_sigterm_during_a_batch_ends_like_ctrl_c_and_leaves_nothing_partial(tmp_path, inputs) -> None:
     """`pbe batch` handles SIGTERM as Ctrl-C too (every command does): "interrupted", exit status 130, and the output
     folder holds no partial picture (a row is written atomically or not at all)."""
-    import signal
-    import threading
-    import time
-
     manifest = tmp_path / "rows.csv"
     manifest.write_text("image,mask,example,output\n" + "".join(
         f"{inputs['image']},{inputs['mask']},{inputs['example']},row{i}.png\n" for i in range(2)))
     out_dir = tmp_path / "out"
-    environment = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
-    proc = subprocess.Popen([sys.executable, "-m", "pbe", "batch", str(manifest), "--output-dir", str(out_dir),
-                             "--checkpoint", str(HUB), "--steps", "900", "--device", "cpu", "--dtype", "fp32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
-    chunks: list[bytes] = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")))
-    reader.start()
-    try:
-        deadline = time.monotonic() + 120
-        while b"rows:" not in b"".join(chunks):  # the model is loaded and the first row is being painted
-            assert proc.poll() is None and time.monotonic() < deadline, b"".join(chunks).decode()
-            time.sleep(0.02)
-        time.sleep(1)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-        reader.join()
-        proc.stdout.close()
-        proc.stderr.close()
-    err = b"".join(chunks).decode()
-    assert proc.returncode == 130, err
+    status, err = _sigterm_once(["batch", str(manifest), "--output-dir", str(out_dir), "--checkpoint", str(HUB),
+                                 "--steps", "900", "--device", "cpu", "--dtype", "fp32"], rb"rows:")
+    assert status == 130, err
     assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+
