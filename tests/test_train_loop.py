@@ -276,7 +276,7 @@ def test_pbe_train_refuses_a_bad_value_in_one_line(capsys: pytest.CaptureFixture
     assert cli.main(["train", "--lr", "-1", "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: lr: expected a number > 0, got -1.0"]
-    assert cli.main(["train", "--output-dir", str(tmp_path)]) == 1
+    assert cli.main(["train", "--output-dir", str(tmp_path)]) == 2  # no manifest: a usage error too
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: manifest: expected the training manifest")
 
