@@ -25,10 +25,10 @@ import csv
 import io
 import json
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +37,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import images
+from .devices import Ranks, ranks_from_environment  # noqa: F401 -- pbe.batch.ranks_from_environment stays
+from .errors import UsageError
 from .files import write_atomically
 from .pipeline import PaintByExample
 
@@ -49,8 +51,9 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 CSV_SUFFIXES = (".csv",)
 
 
-class ManifestError(ValueError):
-    """A manifest that cannot be painted as written (malformed, duplicate outputs, ...); the message names the row."""
+class ManifestError(UsageError):
+    """A manifest that cannot be painted as written (malformed, duplicate outputs, ...); the message names the row.
+    A usage error: ``pbe batch`` exits with status 2 before anything loads."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def _jsonl_records(text: str, name: str) -> Iterable[tuple[str, Mapping[str, Any
     for index, (number, line) in enumerate(lines):
         where = f"{name} line {number}"
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_float=Decimal)  # a seed 7.0 exactly as written, never rounded
         except json.JSONDecodeError as err:
             raise ManifestError(f"row {index} ({where}): not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(record, dict):
@@ -126,7 +129,8 @@ def _jsonl_records(text: str, name: str) -> Iterable[tuple[str, Mapping[str, Any
 
 def _csv_records(text: str, name: str) -> Iterable[tuple[str, Mapping[str, Any]]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
+    # `image, mask, example` as people type it: spaces around names and cells are layout, not content.
+    reader.fieldnames = header = [name.strip() for name in reader.fieldnames or []]
     missing = [field for field in INPUT_FIELDS if field not in header]
     if missing:
         raise ManifestError(f"{name} line 1: the CSV header must name the columns {', '.join(INPUT_FIELDS)} "
@@ -142,7 +146,7 @@ def _csv_records(text: str, name: str) -> Iterable[tuple[str, Mapping[str, Any]]
             continue  # a line of blank cells
         index += 1
         # A short row leaves the last columns None; an empty cell means "not given", as an absent JSON key.
-        yield where, {key: value for key, value in record.items() if value not in (None, "")}
+        yield where, {key: value.strip() for key, value in record.items() if value is not None and value.strip()}
 
 
 def parse_rows(
@@ -153,8 +157,8 @@ def parse_rows(
     """Check manifest records (dicts with ``image``, ``mask``, ``example``, optional ``seed`` and ``output``) into rows.
 
     Input paths are taken relative to ``base_dir``. A record may come as ``(where, record)`` so that messages say
-    where it was read. Seeds are integers (a CSV cell of digits), outputs are relative paths ending in .png, .jpg or
-    .jpeg that stay inside the output folder.
+    where it was read. Seeds are integer values (7, 7.0, a CSV cell "7" or "7.0"; not 7.5), outputs are relative
+    paths ending in .png, .jpg or .jpeg that stay inside the output folder.
 
     Raises:
         ManifestError: a malformed record (the message names its row), no records at all, two rows with the same
@@ -183,7 +187,7 @@ def _parse_row(index: int, where: str, record: Mapping[str, Any], base_dir: Path
     for field in INPUT_FIELDS:
         value = record.get(field)
         if not isinstance(value, str) or not value.strip():
-            got = "nothing" if value is None else repr(value)
+            got = "nothing" if value is None else _shown(value)
             raise ManifestError(f"{name}: field {field!r} must be a file path, got {got}")
         paths[field] = base_dir / value
     seed = _parse_seed(record.get("seed"), name)
@@ -192,20 +196,34 @@ def _parse_row(index: int, where: str, record: Mapping[str, Any], base_dir: Path
 
 
 def _parse_seed(value: Any, name: str) -> int | None:
+    """An integer value, however written: 7, 7.0 and "7.0" (a CSV cell) alike; 7.5, "x" or a bool are refused."""
     if value is None:
         return None
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):  # a CSV cell
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
-        raise ManifestError(f"{name}: field 'seed' must be an integer from 0 to 2**64 - 1, got {value!r}")
-    return value
+    number = value
+    if isinstance(value, (str, float)):  # a float converts exactly: its value, not a rounded one
+        try:
+            number = Decimal(value.strip() if isinstance(value, str) else value)
+        except InvalidOperation:
+            number = None
+    if isinstance(number, Decimal):
+        whole = number.is_finite() and number.adjusted() < 30 and number == number.to_integral_value()  # 1e99999: no
+        number = int(number) if whole else None
+    if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number <= MAX_SEED:
+        raise ManifestError(f"{name}: field 'seed' must be an integer from 0 to 2**64 - 1, got {_shown(value)}")
+    return number
+
+
+def _shown(value: Any) -> str:
+    """A field's value as the user wrote it: strings quoted, numbers (JSON's exact decimals too) plain."""
+    return str(value) if isinstance(value, Decimal) else repr(value)
 
 
 def _parse_output(value: Any, name: str, *, default: str) -> Path:
     if value is None:
         value = default
     if not isinstance(value, str) or not value.strip():
-        raise ManifestError(f"{name}: field 'output' must be a file name relative to the output folder, got {value!r}")
+        raise ManifestError(f"{name}: field 'output' must be a file name relative to the output folder, "
+                            f"got {_shown(value)}")
     output = Path(os.path.normpath(value))
     if output.is_absolute() or output.parts[0] == "..":
         raise ManifestError(f"{name}: output {value!r} must stay inside the output folder (a relative path without ..)")
@@ -215,12 +233,18 @@ def _parse_output(value: Any, name: str, *, default: str) -> Path:
 
 
 def _check_outputs(rows: Sequence[Row]) -> None:
-    first_with: dict[Path, Row] = {}
+    first_with: dict[str, Row] = {}
     for row in rows:
-        earlier = first_with.setdefault(row.output, row)
-        if earlier is not row:
+        # Compared without case: macOS and Windows file systems take `X.png` and `x.png` for one file, so one row's
+        # output would replace the other's, or be skipped as already painted.
+        earlier = first_with.setdefault(str(row.output).casefold(), row)
+        if earlier is not row and earlier.output == row.output:
             raise ManifestError(f"{row.name} and {earlier.name} both write {str(row.output)!r}; give one of them an "
                                 "'output' field (the default is the image's file stem + .png)")
+        if earlier is not row:
+            raise ManifestError(f"{row.name} writes {str(row.output)!r} and {earlier.name} writes "
+                                f"{str(earlier.output)!r}: names that differ only by case are one file on "
+                                "case-insensitive file systems (macOS, Windows); give one of them another 'output'")
 
 
 def check_outputs_are_not_inputs(rows: Sequence[Row], output_dir: str | os.PathLike[str]) -> None:
@@ -244,50 +268,16 @@ def check_outputs_are_not_inputs(rows: Sequence[Row], output_dir: str | os.PathL
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a distributed run, as torchrun / accelerate / Slurm wrappers set it."""
-
-    rank: int = 0  # global rank: paints rows i with i mod world_size == rank
-    world_size: int = 1  # processes over all machines
-    local_rank: int = 0  # rank on this machine: its GPU is cuda:local_rank
-
-
-def ranks_from_environment(environ: Mapping[str, str] = os.environ) -> Ranks:
-    """Read RANK, WORLD_SIZE and LOCAL_RANK (RANK and WORLD_SIZE absent: one process; LOCAL_RANK absent: RANK,
-    right on one machine; torchrun, accelerate and Slurm wrappers set all three).
-
-    Raises:
-        ValueError: a value that is not an integer, or a rank outside 0 .. WORLD_SIZE - 1.
-    """
-    values = {}
-    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", None)):
-        text = environ.get(name)
-        if text is None:
-            values[name] = default
-            continue
-        try:
-            values[name] = int(text)
-        except ValueError:
-            raise ValueError(f"environment variable {name}: expected an integer, got {text!r}") from None
-    ranks = Ranks(values["RANK"], values["WORLD_SIZE"],
-                  values["LOCAL_RANK"] if values["LOCAL_RANK"] is not None else values["RANK"])
-    if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size or ranks.local_rank < 0:
-        raise ValueError(f"environment variables RANK={ranks.rank}, WORLD_SIZE={ranks.world_size}, "
-                         f"LOCAL_RANK={ranks.local_rank}: expected 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0")
-    return ranks
-
-
 def row_seed(row: Row, seed: int) -> int:
     """The row's own ``seed`` field, else the run's base ``seed`` plus the row's index."""
     return row.seed if row.seed is not None else seed + row.index
 
 
 def check_seeds(rows: Sequence[Row], seed: int) -> None:
-    """Raise ValueError if a row's seed (base + index) leaves torch's range 0 .. 2**64 - 1."""
+    """Raise ``UsageError`` (a ValueError) if a row's seed (base + index) leaves torch's range 0 .. 2**64 - 1."""
     for row in rows:
         if not 0 <= row_seed(row, seed) <= MAX_SEED:
-            raise ValueError(f"--seed {seed}: {row.name} would get seed {row_seed(row, seed)}, past 2**64 - 1")
+            raise UsageError(f"--seed {seed}: {row.name} would get seed {row_seed(row, seed)}, past 2**64 - 1")
 
 
 def rows_of_rank(rows: Sequence[Row], ranks: Ranks) -> list[Row]:
@@ -350,7 +340,8 @@ def paint_manifest(
     not depend on the other rows or on ``ranks``. A row that fails (missing or corrupt file, size mismatch, out of
     memory, ...) is reported in its outcome and the run goes on. Rows whose output exists are skipped unless
     ``overwrite``. With ``ranks`` this process only handles rows ``i`` with ``i mod world_size == rank``.
-    ``on_outcome`` is called after each row (the CLI prints failures with it); ``progress`` shows a bar over rows.
+    ``on_outcome`` is called after each row (the CLI prints failures with it); ``progress`` shows a bar over rows
+    (with one rank only: several ranks share one stderr, so the CLI prints a line per row instead).
     Other keyword arguments go to ``pipe(...)`` as they are (``scheduler``, ``eta``, the large-picture options
     ``hd_strategy``, ``resolution``, ``hd_trigger``, ``hd_margin``, ...).
 
@@ -372,8 +363,9 @@ def paint_manifest(
             if on_outcome is not None:
                 on_outcome(outcomes[row.index])
 
-    desc = "rows" if ranks.world_size == 1 else f"rows (rank {ranks.rank} of {ranks.world_size})"
-    bar = tqdm(pending, disable=not progress, desc=desc, unit="row", dynamic_ncols=True)
+    # Several ranks share one stderr: their bars, redrawn in place with carriage returns and no newline, would run
+    # into each other's lines (and into the summaries). There each row's outcome is a whole line (``on_outcome``).
+    bar = tqdm(pending, disable=not progress or ranks.world_size > 1, desc="rows", unit="row", dynamic_ncols=True)
     for row in bar:
         row_seed_ = row_seed(row, seed)
         output = output_dir / row.output

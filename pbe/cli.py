@@ -1,15 +1,19 @@
 """The ``pbe`` command: ``pbe paint`` paints one picture, ``pbe batch MANIFEST`` paints every row of a manifest with
 one model load (restartable; ``torchrun`` spreads it over processes), ``pbe convert SRC OUT`` converts a checkpoint,
+``pbe merge-lora CHECKPOINT LORA -o OUT`` folds a LoRA file into one,
 ``pbe train`` trains (pbe.train).
 
 ``paint`` and ``batch`` share their painting options (one definition: ``_add_paint_options``) and check them the same
-way, before anything loads: ranges (``--steps`` against the scheduler's training steps, ...), outputs that would
+way, before anything loads: ranges (``--steps`` against the counts the sampler can run, ...), outputs that would
 overwrite an input, an output folder that is missing or cannot be written. They print, on stderr, the device and dtype
 they run on (``auto``, the default, resolved: see pbe.devices) and the command line that repeats the run (its seed,
 device and dtype included), then the progress bar. Outputs are written atomically (a temporary file in the same
 folder, then a rename): a failed run leaves nothing under the output name. Errors end with one ``error: ...`` line
-on stderr, never a traceback: exit status 2 for bad arguments (as argparse's own errors), 1 for everything else
-(missing or unreadable files, checkpoints, devices, NaN in the latents).
+on stderr, never a traceback, and ONE rule sets the exit status (written out in the README, "Exit statuses"): 2 for a
+usage error, refused before the model loads (``pbe.errors.UsageError``: bad argument values or combinations, a
+missing or unreadable input named by an argument, a device that does not exist here, a bad manifest, a mask whose
+size does not match the image; argparse's own errors too), 1 for a run that started and failed (unreadable checkpoint
+contents, out of memory, NaN in the latents, rows of ``pbe batch`` that failed), 130 for Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,23 +33,19 @@ from tqdm.auto import tqdm
 
 from weights_convert import command as convert_command
 
-from . import __version__, batch, devices, images, regions
+from . import __version__, batch, devices, images, lora_files, regions
 from .batch import OUTPUT_FORMATS, save_image
 from .checkpoint import DTYPES
-from .errors import COMMAND_ERRORS, error_line
-from .loading import DEFAULT_REPO
+from .errors import COMMAND_ERRORS, CheckpointError, UsageError, error_line, exit_status, sigterm_as_interrupt
+from .loading import DEFAULT_REPO, looks_like_path, resolve_checkpoint
 from .pipeline import PaintByExample
-from .schedulers import SCHEDULERS, make_scheduler
+from .schedulers import SCHEDULERS, Scheduler, make_scheduler
 from .train import config as train_config
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 INPUT_FLAGS = ("image", "mask", "example")  # pbe paint's input files
-
-
-class UsageError(ValueError):
-    """An argument value argparse cannot check by itself (--steps 0, --guidance nan, ...): exit status 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                                                       description=convert_command.DESCRIPTION))
     _add_batch_parser(commands)
     _add_train_parser(commands)
+    _add_merge_lora_parser(commands)
     return parser
 
 
@@ -104,26 +105,32 @@ def _add_paint_options(parser: argparse.ArgumentParser) -> None:
                              "own size (default 800)")
     parser.add_argument("--hd-margin", type=int, default=128,
                         help="with crop: pixels of context around each mask region (default 128)")
+    parser.add_argument("--lora", type=Path, default=None,
+                        help="a LoRA file for the UNet: pbe's (pbe train) or diffusers'/peft's "
+                             "(pytorch_lora_weights.safetensors)")
+    parser.add_argument("--lora-scale", type=float, default=1.0,
+                        help="with --lora: its strength, 1 = as trained, 0 = the base model (default 1)")
 
 
-def _training_steps(args: argparse.Namespace) -> int:
-    """The scheduler's training steps (``num_train_timesteps``): the checkpoint folder's scheduler config if it has
-    one, else the official value; read without loading anything."""
+def _scheduler(args: argparse.Namespace) -> Scheduler:
+    """The sampler the run will use, built as the pipeline builds it: from the checkpoint folder's scheduler config if
+    it has one, else the official config; read without loading anything."""
     config_file = Path(args.checkpoint) / "scheduler" / "scheduler_config.json"
     try:
         config = json.loads(config_file.read_text()) if config_file.is_file() else None
     except (OSError, ValueError) as err:
         raise ValueError(f"--checkpoint {args.checkpoint}: cannot read {config_file}: {err}") from None
-    return make_scheduler(args.scheduler, config).config.num_train_timesteps
+    return make_scheduler(args.scheduler, config)
 
 
 def _check_paint_options(args: argparse.Namespace) -> str:
     """Reject bad values of the shared painting options before anything slow happens (UsageError: exit 2), then
     settle an ``auto`` device and dtype: returns the line that says which run."""
-    training_steps = _training_steps(args)
-    if not 1 <= args.steps <= training_steps:
-        raise UsageError(f"--steps: expected an integer from 1 to the scheduler's {training_steps} training steps "
-                         f"(num_train_timesteps), got {args.steps}")
+    scheduler = _scheduler(args)
+    try:
+        scheduler.check_steps(args.steps, name="--steps")
+    except ValueError as err:  # the step counts this sampler can run with this config
+        raise UsageError(str(err)) from None
     if not math.isfinite(args.guidance):
         raise UsageError(f"--guidance: expected a finite number, got {args.guidance}")
     if not math.isfinite(args.mask_blur) or args.mask_blur < 0:
@@ -136,6 +143,7 @@ def _check_paint_options(args: argparse.Namespace) -> str:
         raise UsageError(f"--hd-trigger: expected a positive number of pixels, got {args.hd_trigger}")
     if args.hd_margin < 0:
         raise UsageError(f"--hd-margin: expected a number of pixels >= 0, got {args.hd_margin}")
+    _check_lora_options(args.lora, args.lora_scale, flags=("--lora", "--lora-scale"))
     try:
         device = devices.resolve_device(args.device)
     except ValueError:
@@ -143,17 +151,32 @@ def _check_paint_options(args: argparse.Namespace) -> str:
     if device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {args.device}: expected auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is available here (PyTorch {torch.__version__})")
+        raise UsageError(f"--device {args.device}: no CUDA device is available here (PyTorch {torch.__version__})")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {args.device}: MPS is not available here")
+        raise UsageError(f"--device {args.device}: MPS is not available here")
     if args.dtype != "auto":
         try:
             devices.check_precision(device, DTYPES[args.dtype], refuse=True, way_out="use --dtype fp32 (or auto)")
         except ValueError as err:
             raise UsageError(f"--dtype {args.dtype}: {err}") from None
     return _choose_device_and_dtype(args, device)
+
+
+def _check_lora_options(lora: Path | None, scale: float, *, flags: tuple[str, str]) -> None:
+    """A LoRA file that exists and is one (not yet whether it fits the checkpoint: that needs the UNet), and a finite
+    strength that only applies with it."""
+    if not math.isfinite(scale):
+        raise UsageError(f"{flags[1]}: expected a finite number, got {scale}")
+    if lora is None:
+        if scale != 1.0:
+            raise UsageError(f"{flags[1]} only applies with {flags[0]}")
+        return
+    try:
+        lora_files.check_lora_file(lora)
+    except CheckpointError as err:
+        raise CheckpointError(f"{flags[0]} {err}") from None
 
 
 def _check_paint_arguments(args: argparse.Namespace) -> str:
@@ -213,14 +236,28 @@ def _repeat_command(args: argparse.Namespace, seed: int) -> str:
         flags += ["--keep-unmasked", "--mask-blur", args.mask_blur]
     if args.config is not None:
         flags += ["--config", args.config]
+    if args.lora is not None:
+        flags += ["--lora", args.lora, "--lora-scale", args.lora_scale]
     return shlex.join(str(flag) for flag in flags)
+
+
+def _check_sources(args: argparse.Namespace) -> None:
+    """Refuse a ``--checkpoint`` that names a local path and a ``--config`` that are missing (usage errors), before
+    loading; what they hold is read by the loader (a bad content is a failed run, exit status 1)."""
+    if looks_like_path(args.checkpoint) and not Path(args.checkpoint).expanduser().exists():
+        try:
+            resolve_checkpoint(args.checkpoint)  # a missing path: refused at once, saying which part is missing
+        except ValueError as err:
+            raise UsageError(f"--checkpoint {err}") from None
+    if args.config is not None and not args.config.expanduser().exists():
+        raise UsageError(f"--config {args.config}: no such file or folder")
 
 
 def _load_image(flag: str, path: Path) -> Image:
     try:
         return images.load_image(path)
-    except OSError as err:
-        raise OSError(f"--{flag}: {err}") from None
+    except OSError as err:  # missing, a folder, or not a picture: the argument names a bad input
+        raise UsageError(f"--{flag}: {err}") from None
 
 
 def _output_paths(output: Path, count: int) -> list[Path]:
@@ -238,17 +275,19 @@ def _pipe_options(args: argparse.Namespace) -> dict[str, object]:
 def _load_pipeline(args: argparse.Namespace) -> PaintByExample:
     """The pipeline the painting options ask for (``paint`` and ``batch`` alike)."""
     return PaintByExample.from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device,
-                                          scheduler=args.scheduler, config=args.config)
+                                          scheduler=args.scheduler, config=args.config, lora=args.lora,
+                                          lora_scale=args.lora_scale)
 
 
 def _paint(args: argparse.Namespace) -> int:
     choice = _check_paint_arguments(args)
     inputs = {name: _load_image(name, getattr(args, name)) for name in INPUT_FLAGS}
     if inputs["image"].size != inputs["mask"].size:
-        raise ValueError(f"--mask is {'x'.join(map(str, inputs['mask'].size))} pixels but --image is "
+        raise UsageError(f"--mask is {'x'.join(map(str, inputs['mask'].size))} pixels but --image is "
                          f"{'x'.join(map(str, inputs['image'].size))}; they must be the same size")
     if not images.read_repaint_mask(inputs["mask"]).gt(0.5).any():  # as the pipeline reads it, alpha included
         print(f"warning: {args.mask} has no opaque white pixels: nothing will be repainted", file=sys.stderr)
+    _check_sources(args)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     print(choice, file=sys.stderr)
     print(f"to repeat this run: {_repeat_command(args, seed)}", file=sys.stderr)
@@ -285,14 +324,6 @@ def _add_batch_parser(commands: argparse._SubParsersAction) -> None:
     _add_paint_options(batch_)
 
 
-def _batch_device(requested: str, local_rank: int) -> str:
-    """The device of this rank: with CUDA present, ``auto`` and ``cuda`` mean its own GPU, cuda:LOCAL_RANK; any
-    other value (``auto`` without CUDA included) is resolved as ``pbe paint`` resolves it."""
-    if requested in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    return requested
-
-
 def _row_as_paint(args: argparse.Namespace, row: batch.Row, output: Path) -> argparse.Namespace:
     """The ``pbe paint`` arguments that paint ``row`` alone (its seed aside)."""
     return argparse.Namespace(**{**vars(args), "image": row.image, "mask": row.mask, "example": row.example,
@@ -300,10 +331,13 @@ def _row_as_paint(args: argparse.Namespace, row: batch.Row, output: Path) -> arg
 
 
 def _batch(args: argparse.Namespace) -> int:
-    ranks = batch.ranks_from_environment()
-    args.device = _batch_device(args.device, ranks.local_rank)
+    ranks = devices.ranks_from_environment()
+    args.device = devices.rank_device(args.device, ranks.local_rank)
     # Everything that can be refused is refused before the model loads, on every rank alike.
-    rows = batch.read_manifest(args.manifest)
+    try:
+        rows = batch.read_manifest(args.manifest)
+    except OSError as err:  # a manifest that is missing or cannot be read: the argument names a bad input
+        raise UsageError(str(err)) from None
     choice = _check_paint_options(args)
     _check_writable_folder("--output-dir", args.output_dir, create=True)
     batch.check_seeds(rows, args.seed)
@@ -312,13 +346,17 @@ def _batch(args: argparse.Namespace) -> int:
     mine = batch.rows_of_rank(rows, ranks)
     pending = batch.pending_rows(rows, args.output_dir, ranks=ranks, overwrite=args.overwrite)
     who = "" if ranks.world_size == 1 else f"rank {ranks.rank} of {ranks.world_size}: "
-    print(f"{who}{len(mine)} of {len(rows)} rows of {args.manifest}; {len(mine) - len(pending)} already painted "
-          f"(skipped), {len(pending)} to paint; {choice}", file=sys.stderr)
+    _say(f"{who}{len(mine)} of {len(rows)} rows of {args.manifest}; {len(mine) - len(pending)} already painted "
+         f"(skipped), {len(pending)} to paint; {choice}")
 
     def report(outcome: batch.RowOutcome) -> None:
-        if outcome.status == "failed":
-            tqdm.write(f"{who}{outcome.row.name} failed: {outcome.error}", file=sys.stderr)
+        if outcome.status == "failed" and ranks.world_size == 1:
+            tqdm.write(f"{who}{outcome.row.name} failed: {outcome.error}", file=sys.stderr)  # above the bar
+        elif outcome.status != "skipped" and ranks.world_size > 1:  # no bar: one line per row instead
+            _say(f"{who}{outcome.row.name} {outcome.status}" + (f": {outcome.error}" if outcome.error else ""))
 
+    if pending:
+        _check_sources(args)
     batch.join_ranks(ranks)
     if pending:
         pipe = _load_pipeline(args)
@@ -332,19 +370,18 @@ def _batch(args: argparse.Namespace) -> int:
     totals = batch.total_counts(counts, ranks)
 
     if ranks.world_size > 1:
-        print(f"{who}painted {counts['painted']}, skipped {counts['skipped']}, failed {counts['failed']}",
-              file=sys.stderr)
+        _say(f"{who}painted {counts['painted']}, skipped {counts['skipped']}, failed {counts['failed']}")
     if ranks.rank == 0:
-        print(f"painted {totals['painted']}, skipped {totals['skipped']}, failed {totals['failed']} "
-              f"(of {len(rows)} rows)", file=sys.stderr)
+        _say(f"painted {totals['painted']}, skipped {totals['skipped']}, failed {totals['failed']} "
+             f"(of {len(rows)} rows)")
     failed = [outcome for outcome in outcomes if outcome.status == "failed"]
     example = failed[0] if failed else outcomes[0] if outcomes and ranks.rank == 0 else None
     if example is not None:
         # On the CPU the thread count changes float rounding (reduction order): repeat with this process's count.
         threads = f"OMP_NUM_THREADS={torch.get_num_threads()} " if torch.device(args.device).type == "cpu" else ""
-        print(f"to repeat {example.row.name} alone: {threads}"
-              f"{_repeat_command(_row_as_paint(args, example.row, example.output), example.seed)}\n"
-              f"(row i is painted with its seed field, else with --seed + i = {args.seed} + i)", file=sys.stderr)
+        _say(f"to repeat {example.row.name} alone: {threads}"
+             f"{_repeat_command(_row_as_paint(args, example.row, example.output), example.seed)}\n"
+             f"(row i is painted with its seed field, else with --seed + i = {args.seed} + i)")
     return 1 if totals["failed"] else 0
 
 
@@ -383,19 +420,72 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    """Print one whole line on stderr in ONE write: the ranks of a torchrun job share their stderr, and ``print``
+    writes the text and its newline separately, so another rank's line could land between the two."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+# ---- pbe merge-lora --------------------------------------------------------------------------------------------------
+
+
+def _add_merge_lora_parser(commands: argparse._SubParsersAction) -> None:
+    merge = commands.add_parser(
+        "merge-lora", help="fold a LoRA file into a checkpoint, written as pbe's native .safetensors",
+        description="Fold LORA into the UNet of CHECKPOINT (W + scale * alpha / rank * up @ down, summed in float32) "
+                    "and write pbe's native single-file checkpoint, which pbe paint --checkpoint loads. Written "
+                    "atomically: a failure or an interrupt leaves nothing under OUT.")
+    merge.add_argument("checkpoint", help="hub repo id, hub-layout folder, original model.ckpt or pbe .safetensors")
+    merge.add_argument("lora", type=Path, help="the LoRA file: pbe's, or diffusers'/peft's")
+    merge.add_argument("-o", "--output", required=True, type=Path, help="the native .safetensors file to write")
+    merge.add_argument("--scale", type=float, default=1.0, help="the LoRA's strength (default 1)")
+    merge.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written tensors "
+                       "(default fp32)")
+    merge.add_argument("--config", type=Path, default=None,
+                       help="the networks' config, for an original-layout checkpoint of a non-official structure")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    out = args.output
+    if out.suffix != ".safetensors":
+        raise UsageError(f"-o {out}: expected a file name ending in .safetensors")
+    if out.is_dir():
+        raise UsageError(f"-o {out}: is a folder; give a file name such as {out / 'merged.safetensors'}")
+    _check_lora_options(args.lora, args.scale, flags=("LORA", "--scale"))
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    for name, path in (("CHECKPOINT", checkpoint), ("LORA", args.lora)):
+        if out.exists() and out.resolve() == path.resolve():
+            raise UsageError(f"-o {out}: would overwrite the input {name}; choose another output name")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"-o {out}: exists; pass --overwrite to replace it")
+    _check_writable_folder("-o", out.parent, create=False)
+    with sigterm_as_interrupt():
+        meta = lora_files.merge_into_checkpoint(checkpoint, args.lora, out, scale=args.scale,
+                                                dtype=DTYPES[args.dtype], config=args.config)
+    print(f"merged {args.lora} ({meta.format}, rank {meta.rank}, alpha {meta.alpha:g}, "
+          f"{','.join(meta.targets)}) at scale {args.scale:g} into {args.checkpoint}", file=sys.stderr)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype})", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "convert":
             return convert_command.run(args)
+        if args.command == "merge-lora":
+            return _merge_lora(args)
         if args.command == "batch":
             return _batch(args)
         if args.command == "train":
             return _train(args)
-        return _paint(args)
+        with sigterm_as_interrupt():  # a SIGTERM while loading or denoising ends the run as Ctrl-C does
+            return _paint(args)
     except COMMAND_ERRORS as err:
         print(error_line(err), file=sys.stderr)
-        return 2 if isinstance(err, UsageError) else 1
+        return exit_status(err)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

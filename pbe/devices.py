@@ -7,12 +7,18 @@ A CPU without those instructions runs bfloat16 and float16 matmuls and convoluti
 AVX2-only AMD EPYC (Zen 3), matmul 0.9 GFLOP/s in bfloat16 and 0.8 GFLOP/s in float16 against 152 GFLOP/s in float32,
 about 170x slower, which turns a minutes-long generation into hours. ``check_precision`` says so: the command line
 refuses such a choice, the Python API warns once.
+
+Under a distributed launcher (torchrun, accelerate, Slurm wrappers) ``ranks_from_environment`` reads this process's
+place (RANK, WORLD_SIZE, LOCAL_RANK) and ``rank_device`` gives each rank its own GPU, cuda:LOCAL_RANK.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -100,3 +106,56 @@ def check_precision(device: str | torch.device, dtype: torch.dtype, *, refuse: b
     if dtype not in _warned:
         _warned.add(dtype)
         warnings.warn(message, SlowPrecisionWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Ranks: this process's place in a distributed run
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a distributed run, as torchrun / accelerate / Slurm wrappers set it."""
+
+    rank: int = 0  # global rank, 0 .. world_size - 1
+    world_size: int = 1  # processes over all machines
+    local_rank: int = 0  # rank on this machine: its GPU is cuda:local_rank
+
+
+def ranks_from_environment(environ: Mapping[str, str] = os.environ) -> Ranks:
+    """Read RANK, WORLD_SIZE and LOCAL_RANK (RANK and WORLD_SIZE absent: one process; LOCAL_RANK absent: RANK,
+    right on one machine; torchrun, accelerate and Slurm wrappers set all three).
+
+    Raises:
+        ValueError: a value that is not an integer, RANK without WORLD_SIZE or the reverse (every process would think
+            it is alone, or rank 0), or a rank outside 0 .. WORLD_SIZE - 1.
+    """
+    given = [name for name in ("RANK", "WORLD_SIZE") if name in environ]
+    if len(given) == 1:
+        missing = ({"RANK", "WORLD_SIZE"} - set(given)).pop()
+        raise ValueError(f"environment variable {given[0]}={environ[given[0]]!r} is set but {missing} is not: "
+                         "a distributed launcher (torchrun) sets both; set both or neither")
+    values = {}
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", None)):
+        text = environ.get(name)
+        if text is None:
+            values[name] = default
+            continue
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise ValueError(f"environment variable {name}: expected an integer, got {text!r}") from None
+    ranks = Ranks(values["RANK"], values["WORLD_SIZE"],
+                  values["LOCAL_RANK"] if values["LOCAL_RANK"] is not None else values["RANK"])
+    if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size or ranks.local_rank < 0:
+        raise ValueError(f"environment variables RANK={ranks.rank}, WORLD_SIZE={ranks.world_size}, "
+                         f"LOCAL_RANK={ranks.local_rank}: expected 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0")
+    return ranks
+
+
+def rank_device(requested: str, local_rank: int) -> str:
+    """The device of a rank: with CUDA present, ``auto`` and ``cuda`` mean its own GPU, cuda:LOCAL_RANK; any other
+    value (``auto`` without CUDA included) is left to ``resolve_device``."""
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return requested

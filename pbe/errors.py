@@ -16,6 +16,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or converted; the message names the file and the problem."""
 
 
+class UsageError(ValueError):
+    """A command used wrongly: a bad argument value or combination, a missing or unreadable input named by an
+    argument, a device that does not exist here, a bad manifest. Refused before anything slow starts: exit status 2
+    (``exit_status``)."""
+
+
 # What a command reports as one ``error: ...`` line instead of a traceback: bad values and files, checkpoints,
 # devices, torch's runtime errors (out of memory, an op missing for a dtype).
 COMMAND_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, RuntimeError, MemoryError)
@@ -24,6 +30,12 @@ COMMAND_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSErro
 def error_line(err: BaseException) -> str:
     """``error: <message>`` on one line: torch's messages (out of memory, an op missing for a dtype) may span several."""
     return f"error: {' '.join(str(err).split()) or type(err).__name__}"
+
+
+def exit_status(err: BaseException) -> int:
+    """The exit status of a command that ended with ``err``: 2 for a usage error (as argparse's own), 1 for a run
+    that started and failed (see the README, "Exit statuses")."""
+    return 2 if isinstance(err, UsageError) else 1
 
 
 @contextlib.contextmanager

@@ -66,6 +66,25 @@ def remove_stale_partials(path: str | Path) -> list[Path]:
     return removed
 
 
+def check_can_write(path: str | Path) -> None:
+    """Raise ``OSError("cannot write to FOLDER: why")`` unless ``write_atomically(path, ...)`` can create its files:
+    the nearest existing folder above ``path`` (the missing ones are created) must be a folder that takes a new file.
+
+    Asked before anything slow starts, so a read-only output folder is named as the user gave it, not as a failure
+    inside the private ``.NAME.pbe-partial-*`` folder after minutes of work.
+    """
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write to {folder}: a file, not a folder")
+    try:  # os.access is not enough: root passes it everywhere, read-only mounts and /proc take no file
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise OSError(f"cannot write to {folder}: {err.strerror or err}") from None
+
+
 def write_atomically(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a file in a private folder beside ``path``, then rename that file to ``path``.
 

@@ -205,6 +205,7 @@ def load_image(path_or_image: str | os.PathLike[str] | PIL.Image.Image, *, mode:
 
     Raises:
         FileNotFoundError: the path does not name an existing file.
+        IsADirectoryError: the path names a folder.
         OSError: the file exists but cannot be decoded as an image (the message names the path).
         TypeError: ``path_or_image`` is neither a path nor a PIL image.
     """
@@ -212,6 +213,8 @@ def load_image(path_or_image: str | os.PathLike[str] | PIL.Image.Image, *, mode:
         image = upright(path_or_image)
     elif isinstance(path_or_image, (str, os.PathLike)):
         path = os.fspath(path_or_image)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path!r} is a folder, expected a picture file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file not found: {path!r}")
         try:

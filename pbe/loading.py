@@ -23,7 +23,7 @@ from torch import nn
 from weights_convert.convert import check_same_config, convert, read_config
 from weights_convert.tables import HUB_CONFIG_FILES, HUB_OTHER_FILES, HUB_WEIGHT_FILES
 
-from .checkpoint import NETWORK_NAMES, is_native, meta_network, read_native
+from .checkpoint import NETWORK_NAMES, cast_tensors, is_native, meta_network, read_native
 from .errors import CheckpointError
 from .model import AutoencoderKL, ImageEncoder, PaintByExampleConfig, UNet
 
@@ -57,7 +57,7 @@ def build_network(name: str, config: PaintByExampleConfig, state_dict: dict[str,
         if keys:
             raise CheckpointError(f"{origin}: {len(keys)} {what} tensor(s) of the {name}: "
                                   f"{'; '.join(keys[:5])}{'; ...' if len(keys) > 5 else ''}")
-    tensors = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    tensors = cast_tensors(state_dict, dtype=dtype, device=device)
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

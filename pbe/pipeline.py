@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import devices, regions
+from . import devices, lora_files, regions
 from . import images as imageio
 from .loading import DEFAULT_REPO, PaintByExampleNetworks, load, resolve_checkpoint
 from .memory import reuse_freed_memory
 from .model import AutoencoderKL, ImageEncoder, PaintByExampleConfig, UNet
-from .model.noise import randn
+from .model.lora import lora_layers, merge_lora, remove_lora, set_lora_scale
+from .model.noise import Generators, randn
 from .schedulers import Run, Scheduler, make_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -116,6 +117,8 @@ class PaintByExample:
         device: Device = "cpu",
         scheduler: str = "pndm",
         config: PaintByExampleConfig | str | Path | None = None,
+        lora: str | Path | None = None,
+        lora_scale: float = 1.0,
     ) -> PaintByExample:
         """Load from anything ``pbe.load`` takes, or a hub repo id (fetched into the Hugging Face cache on first use).
 
@@ -123,16 +126,52 @@ class PaintByExample:
         giving both with different values is a TypeError. ``device``: where the networks are placed (``"auto"``: see
         ``pbe.devices.resolve_device``). A half precision the CPU has no instructions for warns once
         (``pbe.devices.SlowPrecisionWarning``): it runs, emulated, far slower than float32. ``config``: the networks'
-        config for an original-layout checkpoint of a non-official structure (see ``pbe.load``).
+        config for an original-layout checkpoint of a non-official structure (see ``pbe.load``). ``lora``: a LoRA file
+        to apply at strength ``lora_scale`` (see ``load_lora_weights``), checked before the checkpoint loads.
         """
         chosen = _resolve_dtype(dtype, torch_dtype) or torch.float32
         device = devices.resolve_device(device)
         devices.check_precision(device, chosen, refuse=False)
+        if lora is not None:
+            lora_files.check_lora_file(lora, scale=lora_scale)
         path = resolve_checkpoint(src)
         networks: PaintByExampleNetworks = load(path, dtype=chosen, device=device, config=config)
         scheduler_json = path / "scheduler" / "scheduler_config.json" if path.is_dir() else None
         config = json.loads(scheduler_json.read_text()) if scheduler_json and scheduler_json.is_file() else None
-        return cls(networks.unet, networks.vae, networks.image_encoder, scheduler, scheduler_config=config)
+        pipe = cls(networks.unet, networks.vae, networks.image_encoder, scheduler, scheduler_config=config)
+        if lora is not None:
+            pipe.load_lora_weights(lora, scale=lora_scale)
+        return pipe
+
+    # ---- LoRA --------------------------------------------------------------------------------------------------------
+
+    def load_lora_weights(self, path: str | Path, *, scale: float = 1.0, weight_name: str | None = None) -> None:
+        """Adapt the UNet with a LoRA file at strength ``scale`` (1 = as trained, 0 = the base model).
+
+        ``path``: a pbe LoRA file (``pbe.lora_files.save_lora``, ``pbe train`` with LoRA) or a diffusers/peft UNet
+        LoRA file (``save_lora_weights``), or a folder holding one (``weight_name``, default diffusers'
+        ``pytorch_lora_weights.safetensors``). One adapter at a time: loading another replaces it. Raises
+        ``pbe.CheckpointError`` naming the file for a missing or non-LoRA file or weights that do not fit this UNet
+        (the UNet is then left as it was).
+        """
+        lora_files.load_lora(self.unet, lora_files.lora_file(path, weight_name=weight_name), scale=scale)
+
+    def set_lora_scale(self, scale: float) -> None:
+        """The strength of the loaded LoRA (1 = as trained, 0 = the base model); ValueError if none is loaded."""
+        set_lora_scale(self.unet, scale)
+
+    def fuse_lora(self, *, lora_scale: float | None = None) -> None:
+        """Fold the loaded LoRA into the UNet's weights at its current strength (or ``lora_scale``): the UNet runs
+        as fast as the base one afterwards. Not reversible here: load the checkpoint again to undo it."""
+        if lora_scale is not None:
+            set_lora_scale(self.unet, lora_scale)
+        elif not lora_layers(self.unet):
+            raise ValueError("fuse_lora: no LoRA is loaded")
+        merge_lora(self.unet)
+
+    def unload_lora_weights(self) -> None:
+        """Drop the loaded (unfused) LoRA: the UNet is the base model again."""
+        remove_lora(self.unet)
 
     # ---- where the networks live -------------------------------------------------------------------------------------
 
@@ -196,7 +235,7 @@ class PaintByExample:
         guidance_scale: float = 5.0,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         scheduler: Scheduler | str | None = None,
@@ -216,7 +255,11 @@ class PaintByExample:
         Inputs are PIL images (or lists of them), numpy arrays or tensors, with diffusers' meaning: a tensor image is
         in [-1, 1], a tensor mask in [0, 1] with 1 = repaint, a tensor example is already CLIP-normalised. One example
         may serve a whole batch. ``keep_unmasked`` pastes the input back outside the mask (softened by ``mask_blur``
-        pixels); sides that are not multiples of 8 are padded and cropped back.
+        pixels: refused without it, as ``pbe paint`` refuses it). ``eta`` (DDIM's noise, ignored by the other samplers)
+        must be finite, >= 0, and at most DDIM's ``run.max_eta`` for the step count (diffusers gives NaN beyond).
+        Sides that are not multiples of 8 are padded and cropped back. ``generator`` may be one generator or, as in
+        diffusers, a list of one per image painted (images x ``num_images_per_prompt``): image i's noise then
+        comes from generator i (the masked image's latent sample of image i < len(image) too, as diffusers draws it).
 
         Large pictures: when the longer side exceeds ``hd_trigger`` pixels, ``hd_strategy="crop"`` paints one box per
         mask region (grown by ``hd_margin`` pixels of context) scaled so its longer side is ``resolution``;
@@ -233,17 +276,23 @@ class PaintByExample:
                 look: the weights, the guidance scale, the precision).
         """
         self._check_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, output_type, callback_steps,
-                              keep_unmasked, mask_blur, unsupported)
+                              keep_unmasked, mask_blur, unsupported, eta=eta)
         _check_hd_arguments(hd_strategy, resolution, hd_trigger, hd_margin)
         if isinstance(scheduler, str):
             scheduler = make_scheduler(scheduler, self.scheduler_config)
         sched = scheduler or self.scheduler
-        sched.start(num_inference_steps)  # refuses steps > the scheduler's training steps before any work
+        sched.check_steps(num_inference_steps)  # the counts this sampler and config can run, before any work
+        max_eta = sched.start(num_inference_steps).max_eta
+        if eta > max_eta:
+            raise ValueError(f"eta: expected at most {max_eta:.4f} for {sched.diffusers_name} with "
+                             f"{num_inference_steps} steps (beyond it a step's noise outweighs its whole noise "
+                             f"budget: the square root of a negative number, NaN), got {eta!r}")
         n, guided = num_images_per_prompt, guidance_scale > 1.0
         denoise = dict(guidance_scale=guidance_scale, eta=eta, generator=generator, callback=callback,
                        callback_steps=callback_steps, progress=progress)
 
         inputs = self._prepare_inputs(image, mask_image)
+        _check_generator(generator, inputs.batch, n)
         size = inputs.original_size
         keep_mask = imageio.crop(inputs.keep_mask, size)
         items = regions.plan(size, 1 - keep_mask, strategy=hd_strategy, resolution=resolution, trigger=hd_trigger,
@@ -285,7 +334,7 @@ class PaintByExample:
 
     @staticmethod
     def _check_arguments(steps: int, guidance: float, n: int, output_type: str, callback_steps: int,
-                         keep_unmasked: bool, mask_blur: float, unsupported: dict[str, Any]) -> None:
+                         keep_unmasked: bool, mask_blur: float, unsupported: dict[str, Any], *, eta: float) -> None:
         """Stage 1: refuse bad arguments before any work, each error naming its argument."""
         refused = sorted(unsupported.keys() & REFUSED_ARGUMENTS.keys())
         if refused:
@@ -299,14 +348,22 @@ class PaintByExample:
             raise ValueError(f"num_images_per_prompt: expected a positive integer, got {n!r}")
         if not np.isfinite(guidance):
             raise ValueError(f"guidance_scale: expected a finite number, got {guidance!r}")
+        if not np.isfinite(eta) or eta < 0:
+            # DDIM's sigma_t = eta * sqrt(...) is a standard deviation: a negative eta would drop the step's noise yet
+            # still shrink its direction term (diffusers computes that without a word).
+            raise ValueError(f"eta: expected a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if not isinstance(callback_steps, int) or callback_steps < 1:
             raise ValueError(f"callback_steps: expected a positive integer, got {callback_steps!r}")
         if keep_unmasked and output_type == "latent":
             raise ValueError("keep_unmasked: pasting pixels back needs decoded images, not output_type='latent'")
-        if mask_blur < 0:
+        if not np.isfinite(mask_blur) or mask_blur < 0:
             raise ValueError(f"mask_blur: expected a radius >= 0, got {mask_blur!r}")
+        if mask_blur > 0 and not keep_unmasked:
+            # As `pbe paint`, which refuses --mask-blur without --keep-unmasked: the blur feathers that paste-back.
+            raise ValueError(f"mask_blur: applies only with keep_unmasked=True (it feathers the paste-back of the "
+                             f"input), got mask_blur={mask_blur!r} with keep_unmasked={keep_unmasked!r}")
 
     @staticmethod
     def _prepare_inputs(image: Any, mask_image: Any) -> PreparedInputs:
@@ -338,7 +395,7 @@ class PaintByExample:
         return cond.to(*_placement(self.unet))
 
     def _initial_latents(self, inputs: PreparedInputs, n: int, init_noise_sigma: float, *,
-                         generator: torch.Generator | None, latents: torch.Tensor | None) -> torch.Tensor:
+                         generator: Generators, latents: torch.Tensor | None) -> torch.Tensor:
         """Stage 4, denoising, its starting point. Random draw 1: unit Gaussian noise (or the caller's ``latents``)
         times ``init_noise_sigma``, in the UNet's dtype and on its device."""
         device, dtype = _placement(self.unet)
@@ -352,7 +409,7 @@ class PaintByExample:
         return latents.to(device, dtype) * init_noise_sigma
 
     def _masked_image_latents(self, inputs: PreparedInputs, n: int, *,
-                              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                              generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 4, denoising, what conditions every step: the masked image's latent and the latent-size keep mask.
 
         Random draw 2: the latent is a sample of the autoencoder's posterior, not its mean, drawn in the autoencoder's
@@ -377,7 +434,7 @@ class PaintByExample:
         context: torch.Tensor,
         guidance_scale: float,
         eta: float,
-        generator: torch.Generator | None,
+        generator: Generators,
         callback: Callback | None,
         callback_steps: int,
         progress: bool,
@@ -436,6 +493,18 @@ def _not_finite(step: int, steps: int, timestep: int, guidance_scale: float, dty
                       else f"the precision {dtype} (try fp32)")
     return RuntimeError(f"the latents hold NaN or inf after denoising step {step + 1} of {steps} (timestep "
                         f"{timestep}); look at " + ", or ".join(causes))
+
+
+def _check_generator(generator: Generators, batch: int, n: int) -> None:
+    """Refuse, before any network runs, a generator that is not one, or a list of them of the wrong length."""
+    generators = generator if isinstance(generator, (list, tuple)) else [generator]
+    for one in generators:
+        if not isinstance(one, torch.Generator) and not (one is None and generator is None):
+            raise TypeError(f"generator: expected a torch.Generator, a list of one per image or None, got "
+                            f"{type(one).__name__}")
+    if isinstance(generator, (list, tuple)) and len(generator) != batch * n:
+        raise ValueError(f"generator: expected a list of {batch * n} generators, one per image painted ({batch} "
+                         f"image(s) x num_images_per_prompt {n}), got {len(generator)}")
 
 
 def _check_hd_arguments(strategy: str, resolution: int, trigger: int, margin: int) -> None:

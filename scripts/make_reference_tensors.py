@@ -411,9 +411,10 @@ MAPPER_NAMES = {"ln_1": ["norm1"], "attn.c_qkv": ["attn1.to_q", "attn1.to_k", "a
                 "mlp.c_proj": ["ff.net.2"]}
 
 
-def original_state_dict(unet: nn.Module, vae: nn.Module, encoder: PaintByExampleImageEncoder,
-                        table: list[tuple[str, str, int]]) -> Tensors:
-    """The release checkpoint's `state_dict` for these weights; every tensor is an independent copy."""
+def original_unet_vae_state_dict(unet: nn.Module, vae: nn.Module, table: list[tuple[str, str, int]]) -> Tensors:
+    """The UNet and autoencoder of a latent-diffusion checkpoint (`model.diffusion_model.*`, `first_stage_model.*`) for
+    these diffusers weights, by `table`; every tensor is an independent copy. Stable Diffusion 1.x files use the same
+    names (tests/test_train_init.py builds its SD stand-in with this)."""
     sources = {"unet": plain_state_dict(unet), "vae": plain_state_dict(vae)}
     out: Tensors = {}
     for diffusers_key, original_key, original_ndim in table:
@@ -431,7 +432,13 @@ def original_state_dict(unet: nn.Module, vae: nn.Module, encoder: PaintByExample
     for component, sd in sources.items():
         missing = sorted(k for k in sd if f"{component}.{k}" not in used)
         assert not missing, f"{component} keys not in the table: {missing[:5]}"
+    return out
 
+
+def original_state_dict(unet: nn.Module, vae: nn.Module, encoder: PaintByExampleImageEncoder,
+                        table: list[tuple[str, str, int]]) -> Tensors:
+    """The release checkpoint's `state_dict` for these weights; every tensor is an independent copy."""
+    out = original_unet_vae_state_dict(unet, vae, table)
     enc = plain_state_dict(encoder)
     tower = "model." + clip_tower_prefix(encoder)
     for key, value in enc.items():

@@ -26,7 +26,8 @@ from types import ModuleType
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from committed import REFERENCE_MARGIN, CommittedReference, relative_error  # noqa: F401 (re-exported for tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
@@ -34,12 +35,6 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 HUB = FIXTURES / "hub"  # unet4 + vae4 + image_encoder, hub layout (.bin)
 HUB_SMALL = FIXTURES / "hub_small"  # unet2 + vae2 + image_encoder1
 ORIGINAL_CKPT = FIXTURES / "original" / "model.ckpt"  # unet4 + vae4 + image_encoder, original layout
-
-
-def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |ours - ref| / max |ref|, computed in float32 on the CPU."""
-    ours, ref = ours.detach().cpu().float(), ref.detach().cpu().float()
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 # ---- the device the suite runs on ---------------------------------------------------------------------------------------
@@ -100,8 +95,6 @@ ROUNDING_BOUND = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2.5e
 # whose bound is 2^-16). Never measured on a GPU here: 2^-14 (512 ulps) is 4x that bound, still ~100x below what a real
 # change does (a wrong timestep, draw or weight moves outputs by 1e-2 or more).
 CROSS_DEVICE_FLOAT32 = 2.0**-14
-# pbe may stray at most this much further than diffusers itself does at the same dtype on the same device.
-REFERENCE_MARGIN = 1.25
 
 
 def rounding_bound(dtype: torch.dtype, *, device: torch.device) -> float:
@@ -135,8 +128,9 @@ def parity_tolerance(run_reference: Callable[[torch.device, torch.dtype], torch.
 
 
 @pytest.fixture(scope="session")
-def reference() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURES / "reference.safetensors")
+def reference() -> CommittedReference:
+    """The network references (tests/fixtures/reference.safetensors): inputs by key, outputs compared through it."""
+    return CommittedReference("reference")
 
 
 def ldm_base_config():
@@ -169,24 +163,6 @@ def original_safetensors(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("original") / "model.safetensors"
     save_file({k: v.contiguous() for k, v in read_tensors(ORIGINAL_CKPT).items()}, path)
     return path
-
-
-# Two CPUs compute the same float32 network differently: AVX2, AVX-512 and AMX kernels block and vectorise their
-# K-term dot products (K up to 2880 here) in different orders, with or without fused multiply-adds. Reordering a sum
-# moves it by up to ~sqrt(K) ulps of its terms' scale (~54 for K = 2880), and a pipeline chains a few UNet calls and a
-# decoder. Measured between the three CPUs we have met (AMD EPYC AVX-512-BF16, AMD EPYC Zen 3 AVX2-only, Intel Xeon
-# with AMX): up to 14 ulps of the tensor's largest value for one network call, 58 ulps for 3-step pipeline images.
-# 2^-16 relative (128 ulps) is twice the worst of those and still ~1000x below what a real change does (a wrong
-# timestep, a reordered random draw or a different weight moves outputs by 1e-2 or more).
-CROSS_MACHINE_FLOAT32 = 2.0**-16
-
-
-def made_on_this_machine(fixture: Path) -> bool:
-    """Whether a reference file's "machine" metadata (written by the fixture scripts) names this CPU."""
-    from safetensors import safe_open
-
-    with safe_open(fixture, framework="pt") as f:
-        return (f.metadata() or {}).get("machine") == load_script("make_reference_tensors").machine_signature()
 
 
 @functools.cache

@@ -7,6 +7,7 @@ and the bit-for-bit comparisons compare runs with the same count (as torchrun gi
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -152,7 +153,7 @@ def test_a_malformed_manifest_is_refused_naming_the_row_before_the_model_loads(t
     path.write_text(text)
     try:
         # The checkpoint does not exist: the manifest error must come first (nothing slow happens before it).
-        assert main(batch_args(path, tmp_path / "out", tmp_path / "missing-checkpoint")) == 1
+        assert main(batch_args(path, tmp_path / "out", tmp_path / "missing-checkpoint")) == 2
     finally:
         path.unlink()
     err = capsys.readouterr().err
@@ -164,14 +165,14 @@ def test_a_malformed_manifest_is_refused_naming_the_row_before_the_model_loads(t
 def test_an_output_that_is_an_input_is_refused(tmp_path, data, capsys) -> None:
     manifest = write_jsonl(tmp_path / "m.jsonl", [row(str(data / "a0.png"), mask=str(data / "mask.png"),
                                                       example=str(data / "example.png"))])
-    assert main(batch_args(manifest, data, tmp_path / "missing-checkpoint")) == 1
+    assert main(batch_args(manifest, data, tmp_path / "missing-checkpoint")) == 2
     assert "row 0 (m.jsonl line 1): its output" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("output_dir", "extra", "message"), [
     ("/proc/painted", [], "--output-dir: cannot write in the folder /proc"),  # /proc takes no new file, even from root
     ("a0.png", [], "a0.png is a file, not a folder"),
-    ("out", ["--steps", "5000"], "--steps: expected an integer from 1 to the scheduler's 1000 training steps"),
+    ("out", ["--steps", "5000"], "--steps: expected an integer from 1 to 999 for PNDMScheduler("),
     ("out", ["--resolution", "100"], "--resolution: expected a positive multiple of 8"),
     ("out", ["--mask-blur", "2"], "--mask-blur only applies with --keep-unmasked"),
 ])
@@ -209,15 +210,20 @@ def test_ranks_from_the_environment() -> None:
         pbe.batch.ranks_from_environment({"RANK": "0", "WORLD_SIZE": "two"})
     with pytest.raises(ValueError, match="RANK=2, WORLD_SIZE=2"):
         pbe.batch.ranks_from_environment({"RANK": "2", "WORLD_SIZE": "2"})
+    # One of the pair alone would make every process rank 0, or alone: a launcher sets both.
+    with pytest.raises(ValueError, match="WORLD_SIZE='2' is set but RANK is not"):
+        pbe.batch.ranks_from_environment({"WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="RANK='1' is set but WORLD_SIZE is not"):
+        pbe.batch.ranks_from_environment({"RANK": "1"})
 
 
 def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch) -> None:
-    from pbe.cli import _batch_device
+    from pbe.devices import rank_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert [_batch_device(device, 3) for device in ("auto", "cuda", "cuda:0")] == ["cuda:3", "cuda:3", "cuda:0"]
+    assert [rank_device(device, 3) for device in ("auto", "cuda", "cuda:0")] == ["cuda:3", "cuda:3", "cuda:0"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert [_batch_device("auto", 3), _batch_device("cpu", 3)] == ["auto", "cpu"]  # auto: resolved as pbe paint does
+    assert [rank_device("auto", 3), rank_device("cpu", 3)] == ["auto", "cpu"]  # auto: resolved as pbe paint does
 
 
 # ---- painting ------------------------------------------------------------------------------------------------------
@@ -388,3 +394,108 @@ def test_ranks_set_by_environment_variables_equal_one_process_bit_for_bit(tmp_pa
     assert "rank 1 of 2: painted 4, skipped 0, failed 0" in errs[1]
     assert "painted 4, skipped 0, failed 4 (of 8 rows)" in errs[0]
     assert files(out) == files(expected)
+
+
+# ---- issue 15: manifests as people write them ---------------------------------------------------------------------
+
+
+def test_csv_header_names_and_cells_may_have_spaces_around_them(tmp_path) -> None:
+    (tmp_path / "m.csv").write_text("image, mask, example , seed,output\n a/b.png, mask.png,example.png , 7, o.png\n")
+    (only,) = pbe.batch.read_manifest(tmp_path / "m.csv")
+    assert (only.image, only.mask, only.example, only.seed, only.output) == (
+        tmp_path / "a/b.png", tmp_path / "mask.png", tmp_path / "example.png", 7, Path("o.png"))
+
+
+@pytest.mark.parametrize("written", ["7", "7.0", "7e0", "18446744073709551615.0"])
+def test_an_integral_seed_is_accepted_however_written_in_json_and_csv(tmp_path, written) -> None:
+    (tmp_path / "m.jsonl").write_text(f'{{"image": "a.png", "mask": "m.png", "example": "e.png", "seed": {written}}}\n')
+    (tmp_path / "m.csv").write_text(f"image,mask,example,seed\na.png,m.png,e.png,{written}\n")
+    expected = 2**64 - 1 if written.startswith("1844") else 7  # exactly: JSON numbers are not rounded to floats
+    for manifest in ("m.jsonl", "m.csv"):
+        assert [row.seed for row in pbe.batch.read_manifest(tmp_path / manifest)] == [expected]
+    assert pbe.batch.parse_rows([row("a.png", seed=7.0)])[0].seed == 7  # from Python too
+
+
+@pytest.mark.parametrize(("manifest", "text", "shown"), [
+    ("m.jsonl", '{"image": "a.png", "mask": "m.png", "example": "e.png", "seed": 7.5}\n', "7.5"),
+    ("m.csv", "image,mask,example,seed\na.png,m.png,e.png,7.5\n", "'7.5'"),
+    ("m.csv", "image,mask,example,seed\na.png,m.png,e.png,nan\n", "'nan'"),
+    ("m.jsonl", '{"image": "a.png", "mask": "m.png", "example": "e.png", "seed": 1.8446744073709552e19}\n',
+     "1.8446744073709552E+19"),
+])
+def test_a_seed_that_is_not_an_integer_is_refused_naming_row_and_field(tmp_path, manifest, text, shown) -> None:
+    (tmp_path / manifest).write_text(text)
+    with pytest.raises(ManifestError) as caught:
+        pbe.batch.read_manifest(tmp_path / manifest)
+    assert str(caught.value) == (f"row 0 ({manifest} line {2 if manifest == 'm.csv' else 1}): field 'seed' must be an "
+                                 f"integer from 0 to 2**64 - 1, got {shown}")
+
+
+def test_outputs_that_differ_only_by_case_are_refused_naming_both_rows(tmp_path, data, capsys) -> None:
+    manifest = write_jsonl(tmp_path / "m.jsonl", [row(str(data / "a0.png"), output="Sub/X.png"), row("a1.png"),
+                                                  row(str(data / "a2.png"), output="sub/x.png")])
+    assert main(batch_args(manifest, tmp_path / "out", tmp_path / "missing-checkpoint")) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: row 2 (m.jsonl line 3) writes 'sub/x.png' and row 0 (m.jsonl line 1) writes 'Sub/X.png': "
+                   "names that differ only by case are one file on case-insensitive file systems (macOS, Windows); "
+                   "give one of them another 'output'\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_row_naming_a_folder_says_it_is_a_folder(tmp_path, data) -> None:
+    def never_called(*args, **kwargs):
+        raise AssertionError("the row's inputs were not checked")
+
+    rows = pbe.batch.parse_rows([row("a0.png", example="sub")], base_dir=tmp_path)
+    (tmp_path / "sub").mkdir()
+    for name in ("a0.png", "mask.png"):
+        shutil.copy(data / name, tmp_path / name)
+    (outcome,) = pbe.batch.paint_manifest(never_called, rows, tmp_path / "out", progress=False)
+    assert outcome.status == "failed"
+    assert outcome.error == f"OSError: example: '{tmp_path / 'sub'}' is a folder, expected a picture file"
+
+
+@pytest.mark.skipif(not TORCHRUN.is_file(), reason=f"no torchrun beside {sys.executable}")
+def test_torchrun_ranks_print_whole_lines(tmp_path, hub, data) -> None:
+    """The ranks share one stderr: each summary (and each row's outcome) is a line of its own, with no progress bar
+    redrawn in place (carriage returns) to run into it."""
+    manifest = write_jsonl(tmp_path / "m.jsonl", [dict(r, image=str(data / r["image"]), mask=str(data / "mask.png"),
+                                                       example=str(data / "example.png"))
+                                                  for r in [*GOOD[:3], row("missing.png")]])
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "pbe",
+               *batch_args(manifest, tmp_path / "out", hub, "--steps", "1")]
+    proc = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=300)
+    lines = proc.stderr.splitlines()
+    assert "rank 0 of 2: painted 2, skipped 0, failed 0" in lines, proc.stderr
+    assert "rank 1 of 2: painted 1, skipped 0, failed 1" in lines, proc.stderr
+    assert "painted 3, skipped 0, failed 1 (of 4 rows)" in lines, proc.stderr
+    assert "rank 0 of 2: row 2 (m.jsonl line 3) painted" in lines, proc.stderr
+    assert any(line.startswith("rank 1 of 2: row 3 (m.jsonl line 4) failed: OSError: image: ")
+               for line in lines), proc.stderr
+    assert "\r" not in proc.stderr
+
+
+def test_each_line_a_rank_prints_is_one_write(tmp_path, data, monkeypatch) -> None:
+    """Why summaries of torchrun ranks ran into one line: ``print`` writes the text and its newline separately, and
+    another rank's whole line can land between the two in the stderr they share. Rank 1 of 2, in-process."""
+    manifest = write_jsonl(tmp_path / "m.jsonl", [dict(r, image=str(data / r["image"]), mask=str(data / "mask.png"),
+                                                       example=str(data / "example.png")) for r in GOOD[:2]])
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a0.png", "a1.png"):
+        (out / name).write_bytes(b"painted before")  # all done: no model, no process group needed
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(pbe.batch, "join_ranks", lambda ranks: None)
+    monkeypatch.setattr(pbe.batch, "total_counts", lambda counts, ranks: dict(counts))
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert main(batch_args(manifest, out, tmp_path / "missing-checkpoint")) == 0
+    assert "rank 1 of 2: painted 0, skipped 1, failed 0\n" in writes
+    assert all(text.endswith("\n") for text in writes), writes

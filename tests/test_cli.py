@@ -6,6 +6,7 @@ statuses, stderr and the absence of tracebacks as a user does; the rest call ``p
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -145,7 +146,7 @@ def test_missing_input_file_is_one_line_without_traceback(tmp_path, hub, inputs,
     args = paint_args(inputs, tmp_path / "out.png", hub)
     args[args.index("--image") + 1] = str(tmp_path / "no-such-image.png")
     proc = run_pbe(args, console_script=console_script)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert_one_error_line(proc.stderr)
     assert "--image" in proc.stderr and "no-such-image.png" in proc.stderr
     assert folder_files(tmp_path) == set()
@@ -196,8 +197,8 @@ def test_the_printed_command_repeats_a_run_with_a_fresh_seed(tmp_path, hub, inpu
 @pytest.mark.parametrize(
     ("extra", "status", "message"),
     [
-        (["--steps", "0"], 2, "--steps: expected an integer from 1 to the scheduler's 1000 training steps"),
-        (["--steps", "100000"], 2, "(num_train_timesteps), got 100000"),
+        (["--steps", "0"], 2, "--steps: expected an integer from 1 to 999 for PNDMScheduler(timestep_spacing="),
+        (["--steps", "100000"], 2, "num_train_timesteps=1000, skip_prk_steps=True), got 100000"),
         (["--resolution", "500"], 2, "--resolution: expected a positive multiple of 8, got 500"),
         (["--hd-trigger", "0"], 2, "--hd-trigger: expected a positive number of pixels"),
         (["--hd-margin", "-1"], 2, "--hd-margin: expected a number of pixels >= 0"),
@@ -211,10 +212,10 @@ def test_the_printed_command_repeats_a_run_with_a_fresh_seed(tmp_path, hub, inpu
         (["--mask-blur", "2"], 2, "--mask-blur only applies with --keep-unmasked"),
         (["-o", ("tmp", "out.gif")], 2, "expected a file name ending in .png"),
         (["--device", "gpu"], 2, "--device gpu: expected auto, cpu, cuda"),
-        (["--mask", ("example",)], 1, "must be the same size"),
-        (["--mask", ("tmp", "not-an-image.png")], 1, "--mask: cannot read image file"),
-        (["--example", ("tmp", "missing.png")], 1, "--example: image file not found"),
-        (["--checkpoint", ("tmp", "missing.ckpt")], 1, "no such file or folder"),
+        (["--mask", ("example",)], 2, "must be the same size"),
+        (["--mask", ("tmp", "not-an-image.png")], 2, "--mask: cannot read image file"),
+        (["--example", ("tmp", "missing.png")], 2, "--example: image file not found"),
+        (["--checkpoint", ("tmp", "missing.ckpt")], 2, "no such file or folder"),
     ],
 )
 def test_bad_arguments_are_one_error_line(tmp_path, hub, inputs, capsys, extra, status, message) -> None:
@@ -243,6 +244,21 @@ def test_refusals_come_before_the_model_loads(tmp_path, inputs, capsys, loads, e
     assert loads == [] and folder_files(tmp_path) == {"out-1.png"}
 
 
+@pytest.mark.parametrize("scheduler", list(pbe.cli.SCHEDULERS))
+def test_steps_past_what_the_sampler_can_run_are_refused_before_the_model_loads(tmp_path, hub, inputs, capsys, loads,
+                                                                               scheduler) -> None:
+    """--steps is checked against the counts the chosen sampler can run with the checkpoint's scheduler config (the
+    test hub's: "leading" spacing, steps_offset 1), as the API checks num_inference_steps: one more is exit 2."""
+    config = json.loads((hub / "scheduler" / "scheduler_config.json").read_text())
+    most = pbe.cli.make_scheduler(scheduler, config).max_steps
+    assert main(paint_args(inputs, tmp_path / "out.png", hub, "--scheduler", scheduler,
+                           "--steps", str(most + 1))) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert f"error: --steps: expected an integer from 1 to {most} for " in err and f"got {most + 1}" in err
+    assert loads == [] and folder_files(tmp_path) == set()
+
+
 def test_an_empty_mask_warns_alpha_included(tmp_path, hub, inputs, capsys) -> None:
     """A mask whose strokes are white but fully transparent repaints nothing (transparent = keep): warned."""
     with Image.open(inputs["mask"]) as mask:
@@ -255,7 +271,7 @@ def test_an_empty_mask_warns_alpha_included(tmp_path, hub, inputs, capsys) -> No
 
 def test_cuda_without_cuda(tmp_path, hub, inputs, capsys, monkeypatch) -> None:
     monkeypatch.setattr(pbe.cli.torch.cuda, "is_available", lambda: False)
-    assert main(paint_args(inputs, tmp_path / "out.png", hub, "--device", "cuda")) == 1
+    assert main(paint_args(inputs, tmp_path / "out.png", hub, "--device", "cuda")) == 2
     err = capsys.readouterr().err
     assert_one_error_line(err)
     assert "no CUDA device" in err
@@ -327,3 +343,117 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
     with pytest.raises(OSError, match="No space left"):
         pbe.batch.save_image(Image.new("RGB", (8, 8)), out)
     assert folder_files(tmp_path) == set()
+
+
+# ---- the exit status rule (README, "Exit statuses"): 2 = refused usage, 1 = a run that started and failed ----------
+
+
+def _usage_case(name: str, tmp_path: Path, hub: Path, inputs: dict[str, Path], monkeypatch) -> list[str]:
+    """The arguments of one usage error the rule names (and what the case needs set up)."""
+    good = [str(inputs["image"]), str(inputs["mask"]), str(inputs["example"])]
+    manifest = tmp_path / "m.csv"
+    if name == "mask size":
+        return paint_args({**inputs, "mask": inputs["example"]}, tmp_path / "out.png", hub)
+    if name == "missing input":
+        return paint_args({**inputs, "image": tmp_path / "missing.png"}, tmp_path / "out.png", hub)
+    if name == "folder as input":
+        (tmp_path / "folder").mkdir()
+        return paint_args({**inputs, "example": tmp_path / "folder"}, tmp_path / "out.png", hub)
+    if name == "missing checkpoint":
+        return paint_args(inputs, tmp_path / "out.png", tmp_path / "missing.ckpt")
+    if name == "cuda without cuda":
+        monkeypatch.setattr(pbe.cli.torch.cuda, "is_available", lambda: False)
+        return paint_args(inputs, tmp_path / "out.png", hub, "--device", "cuda")
+    if name == "bad manifest header":
+        manifest.write_text("picture,mask,example\n" + ",".join(good) + "\n")
+    elif name == "bad manifest row":
+        manifest.write_text("image,mask,example,seed\n" + ",".join(good) + ",7.5\n")
+    elif name == "missing manifest":
+        manifest = tmp_path / "missing.csv"
+    else:
+        raise AssertionError(name)
+    return ["batch", str(manifest), "-o", str(tmp_path / "out"), "--checkpoint", str(hub), "--steps", "2"]
+
+
+@pytest.mark.parametrize("case", ["mask size", "missing input", "folder as input", "missing checkpoint",
+                                  "cuda without cuda", "bad manifest header", "bad manifest row", "missing manifest"])
+def test_usage_errors_exit_2_before_the_model_loads(tmp_path, hub, inputs, capsys, monkeypatch, loads, case) -> None:
+    args = _usage_case(case, tmp_path, hub, inputs, monkeypatch)
+    assert main(args) == 2
+    assert_one_error_line(capsys.readouterr().err)
+    assert loads == []
+    assert not (tmp_path / "out.png").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_mask_of_another_size_exits_2_with_one_error_line_in_a_subprocess(tmp_path, hub, inputs) -> None:
+    proc = run_pbe(paint_args({**inputs, "mask": inputs["example"]}, tmp_path / "out.png", hub))
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr)
+    assert "--mask is 30x26 pixels but --image is 48x40" in proc.stderr
+
+
+def test_a_folder_named_as_an_input_says_it_is_a_folder(tmp_path, hub, inputs, capsys) -> None:
+    assert main(paint_args({**inputs, "image": tmp_path}, tmp_path / "out.png", hub)) == 2
+    assert f"error: --image: '{tmp_path}' is a folder, expected a picture file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["unreadable checkpoint", "out of memory", "nan in the latents", "failed rows"])
+def test_a_run_that_started_and_failed_exits_1(tmp_path, hub, inputs, capsys, monkeypatch, case) -> None:
+    args = paint_args(inputs, tmp_path / "out.png", hub)
+    if case == "unreadable checkpoint":
+        (tmp_path / "model.ckpt").write_bytes(b"PK\x03\x04" + bytes(100))
+        args = paint_args(inputs, tmp_path / "out.png", tmp_path / "model.ckpt")
+    elif case == "out of memory":
+        def out_of_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("CPU out of memory. Tried to allocate 2 GiB")
+        monkeypatch.setattr(pbe.cli.PaintByExample, "__call__", out_of_memory)
+    elif case == "nan in the latents":
+        args += ["--guidance", "1e38"]
+    else:
+        manifest = tmp_path / "m.csv"
+        manifest.write_text("image,mask,example\n" + f"{inputs['image']},{inputs['example']},{inputs['example']}\n")
+        args = ["batch", str(manifest), "-o", str(tmp_path / "out"), "--checkpoint", str(hub), "--steps", "2"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    if case == "failed rows":
+        assert "painted 0, skipped 0, failed 1 (of 1 rows)" in err and "must be the same size" in err
+    else:
+        assert_one_error_line(err)
+        assert {"unreadable checkpoint": "model.ckpt: a zip archive but not a readable PyTorch checkpoint",
+                "out of memory": "error: CPU out of memory", "nan in the latents": "NaN or inf"}[case] in err, err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_sigterm_during_denoising_ends_like_ctrl_c_and_leaves_nothing(tmp_path, inputs) -> None:
+    """`pbe paint` handles SIGTERM as Ctrl-C (README): sent once the progress bar shows a step, the run ends with
+    "interrupted" and exit status 130, and no output (nor a partial one) is left."""
+    import re
+    import signal
+    import threading
+    import time
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = paint_args(inputs, out_dir / "out.png", HUB, "--steps", "900", "--device", "cpu", "--dtype", "fp32")
+    environment = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.Popen([sys.executable, "-m", "pbe", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=environment)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not re.search(rb"denoising: .*\| *[1-9][0-9]*/9", b"".join(chunks)):
+            assert proc.poll() is None and time.monotonic() < deadline, b"".join(chunks).decode()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        reader.join()
+        proc.stdout.close()
+        proc.stderr.close()
+    err = b"".join(chunks).decode()
+    assert proc.returncode == 130, err
+    assert err.endswith("interrupted\n") and "Traceback" not in err, err
+    assert list(out_dir.iterdir()) == []

@@ -232,7 +232,7 @@ def test_command_names_a_bad_config(tmp_path, capsys, content, message) -> None:
     if content is not None:
         config.write_text(content)
     out = tmp_path / "pbe.safetensors"
-    assert convert_main([str(ORIGINAL_CKPT), str(out), "--config", str(config)]) == 1
+    assert convert_main([str(ORIGINAL_CKPT), str(out), "--config", str(config)]) == (2 if content is None else 1)
     err = capsys.readouterr().err
     assert err.startswith(f"error: --config {config}: {message}") and err.count("\n") == 1
     assert not out.exists()
@@ -265,7 +265,7 @@ def test_command_never_overwrites_its_input(tmp_path, capsys) -> None:
     native = tmp_path / "native.safetensors"
     assert convert_main([str(HUB), str(native)]) == 0
     before = native.read_bytes()
-    assert convert_main([str(native), str(native)]) == 1
+    assert convert_main([str(native), str(native)]) == 2
     assert "refusing to overwrite the input" in capsys.readouterr().err
     assert native.read_bytes() == before
 
@@ -276,7 +276,7 @@ def test_command_runs_as_a_module(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and out.is_file()
     proc = subprocess.run([sys.executable, "-m", "weights_convert", str(tmp_path / "missing"), str(out)], capture_output=True, text=True)
-    assert proc.returncode == 1 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ---- the tables ---------------------------------------------------------------------------------------------------
@@ -315,12 +315,12 @@ def test_pbe_convert_and_python_m_weights_convert_are_one_command(tmp_path, caps
             outputs.append((status, captured.out.partition("\n\n")[2], captured.err))  # all but the usage line
         assert outputs[0] == outputs[1]
     status, _, err = outputs[0]
-    assert status == 1 and err == f"error: {tmp_path / 'missing'}: no such file or folder\n"
+    assert status == 2 and err == f"error: {tmp_path / 'missing'}: no such file or folder\n"
 
 
 def test_a_failed_write_is_one_error_line(tmp_path, capsys) -> None:
     (tmp_path / "file").write_text("")
-    assert convert_main([str(HUB_SMALL), str(tmp_path / "file" / "out.safetensors")]) == 1
+    assert convert_main([str(HUB_SMALL), str(tmp_path / "file" / "out.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
@@ -471,7 +471,7 @@ def test_python_m_weights_convert_reports_an_unwritable_output_in_one_line(tmp_p
     (tmp_path / "file").write_text("")
     proc = subprocess.run([sys.executable, "-m", "weights_convert", str(HUB_SMALL),
                            str(tmp_path / "file" / "out.safetensors")], capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
 
 
@@ -488,3 +488,61 @@ def test_both_entry_points_handle_an_interrupt_alike_and_leave_nothing(tmp_path,
         assert run([str(HUB_SMALL), str(out)]) == 130
         assert capsys.readouterr().err == "interrupted\n"
         assert list(out.parent.iterdir()) == []
+
+
+# ---- issue 15: an existing output, a native source, an unwritable folder, a truncated file -------------------------
+
+@pytest.mark.parametrize("entry", ["python -m weights_convert", "pbe convert"])
+def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, capsys, original_safetensors, entry) -> None:
+    """Swapped arguments (`convert pbe.safetensors model.safetensors`) must not destroy the downloaded checkpoint."""
+    run = convert_main if entry == "python -m weights_convert" else (lambda a: pbe_main(["convert", *a]))
+    downloaded = tmp_path / "model.safetensors"
+    shutil.copy(original_safetensors, downloaded)
+    before = downloaded.read_bytes()
+    junk = tmp_path / "junk.ckpt"  # had the source been read first, the error would be about it
+    junk.write_bytes(b"not a checkpoint")
+    assert run([str(junk), str(downloaded)]) == 2
+    assert capsys.readouterr().err == f"error: {downloaded}: already exists; pass --overwrite to replace it\n"
+    assert downloaded.read_bytes() == before
+    assert run([str(HUB_SMALL), str(downloaded), "--overwrite"]) == 0
+    assert is_native(downloaded)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.ckpt", "model.safetensors"]
+
+
+def test_a_native_file_is_recognised_and_resaved_in_another_dtype(tmp_path, capsys) -> None:
+    fp32, bf16 = tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors"
+    assert convert_main([str(HUB_SMALL), str(fp32)]) == 0
+    capsys.readouterr()
+    assert convert_main([str(fp32), str(bf16), "--dtype", "bf16"]) == 0
+    assert "layout: pbe native" in capsys.readouterr().out
+    config, source = read_native(fp32)
+    config_bf16, resaved = read_native(bf16)
+    assert config_bf16 == config and resaved.keys() == source.keys()
+    for network, tensors in source.items():
+        assert resaved[network].keys() == tensors.keys()
+        for key, tensor in tensors.items():
+            assert resaved[network][key].dtype == torch.bfloat16
+            assert torch.equal(resaved[network][key], tensor.to(torch.bfloat16))
+
+
+def test_an_output_folder_that_takes_no_file_is_named_before_the_source_is_read(tmp_path, capsys) -> None:
+    """/sys takes no new file, even from root (the issue saw `[Errno 1] ... /sys/.out.safetensors.pbe-partial-...`)."""
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    for out in (Path("/sys/out.safetensors"), Path("/sys/new-folder/out.safetensors")):
+        assert convert_main([str(junk), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot write to /sys: ") and err.count("\n") == 1, err
+        assert "pbe-partial" not in err
+
+
+def test_a_safetensors_file_truncated_in_its_data_names_both_sizes(tmp_path) -> None:
+    whole = _write(tmp_path, {"model.diffusion_model.a": torch.zeros(300), "b": torch.ones(7)}, "whole.safetensors")
+    size = whole.stat().st_size
+    cut = tmp_path / "model.safetensors"
+    cut.write_bytes(whole.read_bytes()[:size - 100])
+    expected = f"{cut}: a truncated safetensors file: its header describes {size:,} bytes, the file has {size - 100:,}"
+    for read in (pbe.load, read_tensors, read_native):
+        with pytest.raises(CheckpointError) as caught:
+            read(cut)
+        assert str(caught.value).startswith(expected)

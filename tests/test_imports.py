@@ -28,6 +28,7 @@ LAYERS = [
     ("pbe.checkpoint",),  # pbe's file format and the safetensors reader, shared by the converter and the loader
     ("weights_convert",),  # the foreign layouts -> pbe's names
     ("pbe.loading",),
+    ("pbe.lora_files",),  # LoRA files (pbe's and diffusers'/peft's) and merging one into a checkpoint
     ("pbe.pipeline",),
     ("pbe.batch",),  # many pictures, many processes: on top of the pipeline
     ("pbe.train",),  # training: recipe, step, loop, data, processes; validation paints through the pipeline
@@ -154,14 +155,15 @@ def test_imports_follow_the_layers() -> None:
 
 def test_the_converter_and_pbe_meet_in_few_places() -> None:
     ours = set(MODULES)
-    # weights_convert uses pbe's networks, error types and file format only.
-    allowed = ("pbe.model", "pbe.errors", "pbe.checkpoint")
+    # weights_convert uses pbe's networks, error types, file format and file writing only.
+    allowed = ("pbe.model", "pbe.errors", "pbe.checkpoint", "pbe.files")
     used = {(m, i) for m in MODULES if m.startswith("weights_convert") for i in _imports(m, ours)
             if i.partition(".")[0] == "pbe"}
     assert {i for _, i in used if not any(i == a or i.startswith(f"{a}.") for a in allowed)} == set()
-    # pbe reaches the converter from its loading layer (and `pbe convert` runs the converter's command).
+    # pbe reaches the converter from its loading layer, its LoRA files (diffusers' LoRA names), and `pbe convert` runs
+    # the converter's command; the paper's initialisation reads Stable Diffusion and CLIP through it.
     reaching = {m for m in MODULES if m.startswith("pbe") and any(i.startswith("weights_convert") for i in _imports(m, ours))}
-    assert reaching == {"pbe.loading", "pbe.cli"}
+    assert reaching == {"pbe.loading", "pbe.lora_files", "pbe.cli", "pbe.train.init"}
 
 
 def test_pbe_model_imports_only_torch_and_einops() -> None:

@@ -347,3 +347,67 @@ def test_truncated_native_file_is_a_clear_error(tmp_path) -> None:
     path.write_bytes(data[: len(data) - 1000])
     with pytest.raises(CheckpointError, match="pbe.safetensors"):
         pbe.load(path)
+
+
+# ---- loading in a narrower dtype: the peak is the narrow weights plus one wide tensor -----------------------------
+
+_PEAK_SCRIPT = textwrap.dedent("""
+    import gc, json, sys
+    import torch, pbe
+    torch.set_num_threads(1)
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+    src, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+    pbe.load(sys.argv[3], dtype=dtype)  # the same code once on the tiny stand-in: imports and caches settle
+    gc.collect()
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) starts again from now
+    nets = pbe.load(src, dtype=dtype)
+    peak = status("VmHWM:")
+    narrow = sum(t.numel() * t.element_size() for name in ("unet", "vae", "image_encoder")
+                 for t in getattr(nets, name).state_dict().values())
+    print(json.dumps({"growth": peak - before, "narrow": narrow}))
+""")
+
+
+@pytest.fixture(scope="module")
+def wide_hub(tmp_path_factory) -> Path:
+    """A hub-layout stand-in whose float32 UNet (~140 MB) dwarfs the runtime's own allocations, saved by diffusers as
+    the hub repo ships it (pickled .bin)."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(shutil.copytree(HUB_SMALL, tmp_path_factory.mktemp("wide") / "hub"))
+    config = json.loads((HUB / "unet" / "config.json").read_text())
+    config.update(block_out_channels=[64, 128, 256, 256], norm_num_groups=32, attention_head_dim=8)
+    (folder / "unet").mkdir(exist_ok=True)
+    for stale in (folder / "unet").iterdir():
+        stale.unlink()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    unet.save_pretrained(folder / "unet", safe_serialization=False)
+    return folder
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory is read from Linux's /proc")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_loading_in_a_narrower_dtype_holds_the_narrow_weights_plus_one_wide_tensor(wide_hub, dtype: str) -> None:
+    """The issue: a float32 hub folder loaded in bfloat16 peaked at 7.9 GB, the float32 file AND the bfloat16 copies
+    (the mapped file's pages stayed resident). Allowed: the narrow weights, the largest float32 tensor, and 32 MiB for
+    the loader's own bookkeeping (key maps, the unpickler, allocator slack)."""
+    wide = torch.load(wide_hub / "unet" / "diffusion_pytorch_model.bin", weights_only=True, mmap=True)
+    largest = max(t.numel() * t.element_size() for t in wide.values())
+    wide_bytes = sum(t.numel() * t.element_size() for t in wide.values())
+    del wide
+    run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(wide_hub), dtype, str(HUB_SMALL)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    assert measured["narrow"] > wide_bytes // 2 * 0.95  # the UNet is most of the checkpoint
+    bound = measured["narrow"] + largest + 32 * 2**20
+    assert measured["growth"] <= bound, (f"grew {measured['growth'] / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB "
+                                         f"(narrow weights {measured['narrow'] / 2**20:.0f} MiB, float32 UNet "
+                                         f"{wide_bytes / 2**20:.0f} MiB)")

@@ -33,8 +33,8 @@ from conftest import (
     ORIGINAL_CKPT,
     REFERENCE_MARGIN,
     ROUNDING_BOUND,
+    CommittedReference,
     ldm_base_config,
-    reference_bound,
     relative_error,
     rounding_bound,
 )
@@ -43,18 +43,15 @@ FOUR, SMALL = ("unet4", "vae4", "image_encoder"), ("unet2", "vae2", "image_encod
 FOLDERS = {FOUR: HUB, SMALL: HUB_SMALL}
 
 
-def _check(ours: torch.Tensor, reference: dict, key: str, dtype: torch.dtype, what: object, *, device: torch.device,
-           yardstick: dict | None = None, margin: float = REFERENCE_MARGIN) -> None:
-    """``ours`` on ``device`` within ``rounding_bound`` of the float32 reference, or within ``REFERENCE_MARGIN`` times
-    the reference's own error in ``dtype`` (``yardstick``: diffusers' outputs computed live in ``dtype`` on ``device``;
+def _check(ours: torch.Tensor, reference: CommittedReference, key: str, dtype: torch.dtype, what: object, *,
+           device: torch.device, yardstick: dict | None = None, margin: float = REFERENCE_MARGIN) -> None:
+    """``ours`` on ``device`` within ``rounding_bound`` of the float32 reference, or within ``margin`` times the
+    reference's own error in ``dtype`` (``yardstick``: diffusers' outputs computed live in ``dtype`` on ``device``;
     else for bfloat16 the committed ``*_bf16`` fixtures)."""
-    bound = rounding_bound(dtype, device=device)
-    if yardstick is not None:
-        bound = reference_bound(bound, relative_error(yardstick[key], reference[key]), margin=margin)
-    elif dtype == torch.bfloat16:
-        bound = reference_bound(bound, relative_error(reference[f"{key}_bf16"], reference[key]))
+    stick = yardstick[key] if yardstick is not None else f"{key}_bf16" if dtype == torch.bfloat16 else None
     assert ours.dtype == dtype and ours.device.type == device.type
-    assert relative_error(ours, reference[key]) <= bound, (what, relative_error(ours, reference[key]), bound)
+    reference.assert_close(key, ours, bound=rounding_bound(dtype, device=device), yardstick=stick, margin=margin,
+                           what=what)
 
 
 def _bin_to_safetensors(folder, names):
@@ -120,7 +117,7 @@ def _timestep(value: torch.Tensor, device: torch.device) -> torch.Tensor | int:
     return value.to(device) if value.ndim else int(value)
 
 
-def _sample_generator(reference: dict, vae_name: str) -> torch.Generator:
+def _sample_generator(reference: CommittedReference, vae_name: str) -> torch.Generator:
     """A CPU generator on every device: pbe draws where the generator is, as diffusers does, so seeds match."""
     return torch.Generator().manual_seed(int(reference[f"{vae_name}.sample_seed"]))
 
@@ -138,7 +135,7 @@ def test_networks_match_reference(layouts, reference, yardsticks, device, layout
     def check(ours: torch.Tensor, key: str, what: object) -> None:
         _check(ours, reference, key, dtype, (layout, what), device=device, yardstick=yardstick)
 
-    cases = sorted({k.split(".")[1] for k in reference if k.startswith(f"{unet_name}.")})
+    cases = sorted({k.split(".")[1] for k in reference.keys() if k.startswith(f"{unet_name}.")})
     assert cases, unet_name
     for case in cases:
         k = f"{unet_name}.{case}"
@@ -158,7 +155,7 @@ def test_networks_match_reference(layouts, reference, yardsticks, device, layout
     check(nets.image_encoder(at(f"{encoder_name}.pixel_values")), f"{encoder_name}.out", "encoder")
     # a stored parameter, only cast: the dtype's rounding on every device
     uncond = nets.image_encoder.uncond_embedding
-    assert relative_error(uncond, reference[f"{encoder_name}.uncond"]) <= ROUNDING_BOUND[dtype]
+    reference.assert_close(f"{encoder_name}.uncond", uncond, bound=ROUNDING_BOUND[dtype], what=layout)
 
 
 @torch.no_grad()
@@ -187,7 +184,7 @@ def test_unet_context_batch_must_be_a_multiple_of_the_sample_batch() -> None:
         unet(torch.randn(2, 9, 8, 8), 5, context)
 
 
-def _diffusers_outputs(reference: dict, names: tuple, *, dtype: torch.dtype, device: torch.device
+def _diffusers_outputs(reference: CommittedReference, names: tuple, *, dtype: torch.dtype, device: torch.device
                        ) -> dict[str, torch.Tensor]:
     """diffusers' networks ``names``, loaded from their hub stand-in in ``dtype`` and moved to ``device`` the way its
     users do, on the reference inputs: the yardstick, keyed like the reference outputs."""
@@ -201,7 +198,7 @@ def _diffusers_outputs(reference: dict, names: tuple, *, dtype: torch.dtype, dev
     vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype).to(device)
     encoder = PaintByExampleImageEncoder.from_pretrained(folder / "image_encoder", torch_dtype=dtype).to(device)
     out = {}
-    for case in sorted({k.split(".")[1] for k in reference if k.startswith(f"{unet_name}.")}):
+    for case in sorted({k.split(".")[1] for k in reference.keys() if k.startswith(f"{unet_name}.")}):
         k = f"{unet_name}.{case}"
         timestep = _timestep(reference[f"{k}.timestep"], device)
         out[f"{k}.out"] = unet(at(f"{k}.sample"), timestep, encoder_hidden_states=at(f"{k}.context")).sample
@@ -234,7 +231,7 @@ def test_float16_matches_reference(reference, yardsticks, device) -> None:
     def check(ours: torch.Tensor, key: str, what: object) -> None:
         _check(ours, reference, key, dtype, what, device=device, yardstick=yardstick, margin=FLOAT16_MARGIN)
 
-    for case in sorted({k.split(".")[1] for k in reference if k.startswith("unet4.")}):
+    for case in sorted({k.split(".")[1] for k in reference.keys() if k.startswith("unet4.")}):
         k = f"unet4.{case}"
         timestep = _timestep(reference[f"{k}.timestep"], device)
         check(nets.unet(at(f"{k}.sample"), timestep, at(f"{k}.context")), f"{k}.out", case)

@@ -144,7 +144,11 @@ def test_denoising_loop_and_only_it_reuses_freed_memory(pipe, monkeypatch) -> No
         ({"mask_blur": -1.0}, "mask_blur: expected a radius >= 0"),
         ({"latents": torch.zeros(1, 4, 3, 3)}, r"latents: expected shape \[1, 4, 5, 6\]"),
         ({"num_inference_steps": 1001},
-         "num_inference_steps: expected an integer from 1 to num_train_timesteps = 1000, got 1001"),
+         r"num_inference_steps: expected an integer from 1 to 999 for PNDMScheduler\(.*\), got 1001"),
+        ({"num_inference_steps": 1000},
+         "num_inference_steps: .* got 1000: it would evaluate the model at timestep 1000"),
+        ({"num_inference_steps": 999, "scheduler": "dpmpp-2m"},
+         r"from 1 to 998 for DPMSolverMultistepScheduler.*got 999"),
         ({"hd_strategy": "tile"}, "hd_strategy: expected one of crop, resize, original, got 'tile'"),
         ({"resolution": 500}, "resolution: expected a positive multiple of 8"),
         ({"hd_trigger": 0}, "hd_trigger: expected a positive integer"),
@@ -442,3 +446,77 @@ def test_a_nan_weight_stops_at_the_first_step_and_names_the_weights() -> None:
     with pytest.raises(RuntimeError,
                        match=r"after denoising step 1 of 3 \(timestep 501\); look at the weights \(a corrupt"):
         _paint(poisoned, _picture(40, 48, 1), _mask(40, 48))
+
+
+def test_a_list_of_generators_of_the_wrong_length_is_refused_before_any_network_runs(pipe, monkeypatch) -> None:
+    """One generator per image painted (images x num_images_per_prompt), as diffusers' pipeline asks; a lone
+    generator in a list of one is that generator. Refused before the example is encoded."""
+    monkeypatch.setattr(pipe, "encode_example", lambda *a: pytest.fail("encoded before refusing"))
+    image, mask = _picture(40, 48, 1), _mask(40, 48)
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    with pytest.raises(ValueError, match=r"^generator: expected a list of 2 generators, one per image painted \(1 "
+                                         r"image\(s\) x num_images_per_prompt 2\), got 3$"):
+        _paint(pipe, image, mask, generator=generators, num_images_per_prompt=2)
+    with pytest.raises(ValueError, match=r"^generator: expected a list of 4 generators.*got 1$"):
+        _paint(pipe, [image, image], [mask, mask], generator=generators[:1], num_images_per_prompt=2)
+    with pytest.raises(TypeError, match="^generator: expected a torch.Generator, a list of one per image or None, "
+                                        "got int$"):
+        _paint(pipe, image, mask, generator=[generators[0], 7], num_images_per_prompt=2)
+    monkeypatch.undo()
+    alone = _paint(pipe, image, mask, generator=torch.Generator().manual_seed(4), output_type="np")
+    listed = _paint(pipe, image, mask, generator=[torch.Generator().manual_seed(4)], output_type="np")
+    np.testing.assert_array_equal(alone, listed)
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (5, 3), (8, 8)])
+def test_pictures_of_8_pixels_and_less_are_painted_at_their_size(pipe, height: int, width: int) -> None:
+    """Below 8x8 the picture is padded to one latent pixel and cropped back; guided and unguided (a batch-1 UNet call
+    on a 1x1 map: see test_pipeline_parity.py::test_an_8x8_picture_paints_as_diffusers_paints_it)."""
+    image = _picture(height, width, 2)
+    mask = PIL.Image.fromarray(np.full((height, width), 255, np.uint8))
+    for guidance_scale in (5.0, 1.0):
+        result = _paint(pipe, image, mask, output_type="np", guidance_scale=guidance_scale)
+        assert result.shape == (1, height, width, 3) and np.isfinite(result).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"eta": float("nan")},
+         r"^eta: expected a finite number >= 0 \(0: deterministic DDIM, 1: DDPM-like\), got nan$"),
+        ({"eta": float("inf"), "scheduler": "ddim"}, r"^eta: expected a finite number >= 0 .*got inf$"),
+        ({"eta": -0.5, "scheduler": "ddim"}, r"^eta: expected a finite number >= 0 .*got -0.5$"),
+        ({"eta": 1.1, "scheduler": "ddim", "num_inference_steps": 5},
+         r"^eta: expected at most 1.0026 for DDIMScheduler with 5 steps .*NaN\), got 1.1$"),
+        ({"guidance_scale": float("-inf")}, r"^guidance_scale: expected a finite number, got -inf$"),
+        ({"mask_blur": float("nan"), "keep_unmasked": True}, r"^mask_blur: expected a radius >= 0, got nan$"),
+        ({"mask_blur": 2.0}, r"^mask_blur: applies only with keep_unmasked=True \(it feathers the paste-back of the "
+                             r"input\), got mask_blur=2.0 with keep_unmasked=False$"),
+    ],
+)
+def test_bad_float_options_are_refused_before_any_network_runs(pipe, monkeypatch, kwargs, message) -> None:
+    """As `pbe paint` refuses them (--mask-blur without --keep-unmasked, --guidance nan), and eta, which the CLI does
+    not take: non-finite, negative, or (DDIM) so large that a step's noise exceeds its budget (diffusers: NaN)."""
+    monkeypatch.setattr(pipe, "encode_example", lambda *a: pytest.fail("encoded before refusing"))
+    with pytest.raises(ValueError, match=message):
+        _paint(pipe, _picture(40, 48, 1), _mask(40, 48), **kwargs)
+
+
+def test_ddim_eta_limit_is_where_diffusers_turns_to_nan() -> None:
+    """Scheduler-only DDIM runs in diffusers from the test hub's config: at pbe's largest eta the result is finite,
+    a little above it NaN; pbe refuses only the latter (and eta is ignored by the other samplers, as in diffusers)."""
+    diffusers = pytest.importorskip("diffusers")
+    from pbe.schedulers import make_scheduler
+
+    source = diffusers.PNDMScheduler.from_pretrained(HUB, subfolder="scheduler")
+    for steps in (5, 50):
+        limit = make_scheduler("ddim", dict(source.config)).start(steps).max_eta
+        for eta, finite in ((limit - 1e-4, True), (limit + 1e-3, False)):
+            sched = diffusers.DDIMScheduler.from_config(source.config)
+            sched.set_timesteps(steps)
+            x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+            generator = torch.Generator().manual_seed(1)
+            for t in sched.timesteps:
+                x = sched.step(torch.sin(x), t, x, eta=eta, generator=generator).prev_sample
+            assert bool(torch.isfinite(x).all()) is finite, (steps, eta)
+    assert make_scheduler("pndm").start(5).max_eta == float("inf")

@@ -17,27 +17,20 @@ import threading
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-
-from conftest import FIXTURES, HUB, generation_error, load_script, reference_bound, reference_pipeline, relative_error
-from conftest import rounding_bound
+from conftest import HUB, CommittedReference, load_script, reference_pipeline, relative_error, rounding_bound
 from pbe.schedulers import (
     OFFICIAL_CONFIG,
     SCHEDULERS,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
-    LMSScheduler,
     PNDMScheduler,
     Scheduler,
     from_config,
     make_scheduler,
 )
 
-REFERENCE_FILE = FIXTURES / "scheduler_reference.safetensors"
-REFERENCE = load_file(REFERENCE_FILE)
-with safe_open(REFERENCE_FILE, "pt") as _f:
-    SETTINGS = json.loads(_f.metadata()["settings"])
+REFERENCE = CommittedReference("scheduler_reference")
+SETTINGS = REFERENCE.settings("settings")
 CASES = SETTINGS["cases"]
 SOURCES = {"hub": OFFICIAL_CONFIG, "fixture": json.loads((HUB / "scheduler" / "scheduler_config.json").read_text())}
 
@@ -73,16 +66,14 @@ def run(sched: Scheduler, steps: int, *, eta: float = 0.0, seed: int = SETTINGS[
 def test_matches_diffusers_after_every_step(device, case: str, steps: int) -> None:
     sched = build(case)
     this = sched.start(steps)
-    assert this.timesteps.tolist() == REFERENCE[f"{case}.{steps}.timesteps"].tolist()
-    assert this.init_noise_sigma == pytest.approx(REFERENCE[f"{case}.{steps}.init_noise_sigma"].item(), rel=1e-7)
-    expected = REFERENCE[f"{case}.{steps}.latents"]
+    REFERENCE.assert_close(f"{case}.{steps}.timesteps", this.timesteps)
+    REFERENCE.assert_close(f"{case}.{steps}.init_noise_sigma", torch.tensor(this.init_noise_sigma, dtype=torch.float64))
     ours = run(sched, steps, eta=CASES[case]["eta"], device=device)
-    assert len(ours) == len(expected)
+    assert len(ours) == REFERENCE.shape(f"{case}.{steps}.latents")[0]
     bound = 1e-5 if device.type == "cpu" else rounding_bound(torch.float32, device=device)
-    for i, (x, ref) in enumerate(zip(ours, expected)):
+    for i, x in enumerate(ours):
         assert x.dtype == torch.float32 and x.device.type == device.type
-        err = relative_error(x, ref)
-        assert err <= bound, f"{case}, {steps} steps: step {i} is off by {err:.3g}"
+        REFERENCE.assert_close(f"{case}.{steps}.latents", x, bound=bound, index=i, what=f"after step {i}")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -171,7 +162,8 @@ def test_error_messages() -> None:
     for bad in (0, -1, 1001, 2.5, True):
         with pytest.raises(ValueError, match="num_inference_steps"):
             make_scheduler("pndm").start(bad)
-    with pytest.raises(ValueError, match="num_inference_steps: PNDM's Runge-Kutta warm-up .* at least 4 steps, got 3"):
+    with pytest.raises(ValueError, match="num_inference_steps: expected an integer from 4 to 1000 .*got 3: PNDM's "
+                                         "Runge-Kutta warm-up .* at least 4 steps"):
         PNDMScheduler().start(3)
     this = make_scheduler("lms").start(10)
     with pytest.raises(ValueError, match="in order"):
@@ -258,20 +250,116 @@ def test_whole_pipeline_matches_diffusers(pipe, diffusers_pipe, case: str) -> No
     example, image, mask = (PIL.Image.fromarray(REFERENCE[f"pipeline.inputs.{k}"].numpy())
                             for k in ("example", "image", "mask"))
     generator = lambda: torch.Generator().manual_seed(settings["seed"])  # noqa: E731
-    for output_type, key, tolerance in (("np", "images", 1e-4), ("latent", "latents", 1e-4)):
+    for output_type, key, tolerance, metric in (("np", "images", 1e-4, "absolute"), ("latent", "latents", 1e-4,
+                                                                                      "relative")):
         result = pipe(example, image, mask, num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                       scheduler=make_scheduler(settings["scheduler"]), output_type=output_type, progress=False,
                       generator=generator()).images
-        ref = REFERENCE[f"{case}.{key}"]
-        result = torch.as_tensor(result)
-        assert result.shape == ref.shape
+        yardstick = None
         if diffusers_pipe is not None:
             script = load_script("make_scheduler_references")  # builds the sampler as the fixture runs did
             cls, named = script.CLASSES[settings["scheduler"]]
             diffusers_pipe.scheduler = cls.from_config(script.source_schedulers()["hub"].config, **named)
-            theirs = diffusers_pipe(image=image, mask_image=mask, example_image=example, output_type=output_type,
-                                    num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-                                    generator=generator()).images
-            tolerance = reference_bound(tolerance, generation_error(key, torch.as_tensor(theirs), ref))
-        err = generation_error(key, result, ref)
-        assert err <= tolerance, f"{case} {key}: off by {err:.3g}"
+            yardstick = torch.as_tensor(diffusers_pipe(
+                image=image, mask_image=mask, example_image=example, output_type=output_type,
+                num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                generator=generator()).images)
+        REFERENCE.assert_close(f"{case}.{key}", torch.as_tensor(result), bound=tolerance, metric=metric,
+                               yardstick=yardstick)
+
+
+# ---- the step counts each sampler can run (issue 15) ----------------------------------------------------------------
+
+
+def _diffusers_outcome(script, name: str, source, steps: int) -> tuple[str, torch.Tensor | None]:  # noqa: ANN001
+    """diffusers' scheduler-only run of `steps` steps with `fake_unet`, built as users build it: "ok" and the sample,
+    or what went wrong ("raised", "non-finite", "timestep outside 0..T-1": the model asked at a timestep it was
+    never trained on)."""
+    cls, named = script.CLASSES[name]
+    sched = cls.from_config(source.config, **named)
+    try:
+        sched.set_timesteps(steps)
+        outside = (sched.timesteps < 0) | (sched.timesteps > sched.config.num_train_timesteps - 1)
+        x = REFERENCE["initial"][:, :, :1, :2] * sched.init_noise_sigma
+        generator = torch.Generator().manual_seed(SETTINGS["step_seed"])
+        kwargs = {"generator": generator} if name in script.TAKES_GENERATOR else {}
+        for t in sched.timesteps:
+            x = sched.step(fake_unet(sched.scale_model_input(x, t), t), t, x, return_dict=False, **kwargs)[0]
+    except Exception:  # noqa: BLE001 (any crash of diffusers' is the finding)
+        return "raised", None
+    if bool(outside.any()):
+        return "timestep outside 0..T-1", x
+    return ("ok" if bool(torch.isfinite(x).all()) else "non-finite"), x
+
+
+@pytest.fixture(scope="module")
+def diffusers_sources():  # noqa: ANN201
+    """The hub's scheduler (no timestep_spacing in its file) and the test hub's, loaded by diffusers'
+    from_pretrained."""
+    pytest.importorskip("diffusers")
+    script = load_script("make_scheduler_references")
+    return script, script.source_schedulers()
+
+
+@pytest.mark.parametrize("source", ["hub", "fixture"])
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_sampler_runs_its_most_steps_like_diffusers_and_refuses_one_more(diffusers_sources, name: str,
+                                                                                source: str) -> None:
+    """The most steps pbe allows run in diffusers and give its result; one more is refused before anything runs,
+    naming the argument, the value and the range, where diffusers crashes, returns NaN or asks the model at a
+    timestep outside the training range (1000 steps of PNDM, DDIM and, from the test hub's "leading" config, LMS;
+    1000 of DPM-Solver and UniPC on "linspace", whose rounded timesteps repeat)."""
+    script, sources = diffusers_sources
+    sched = make_scheduler(name, SOURCES[source])
+    most = sched.max_steps
+    assert sched.allowed_steps == tuple(range(1, most + 1))
+
+    outcome, theirs = _diffusers_outcome(script, name, sources[source], most)
+    assert outcome == "ok", (name, source, most, outcome)
+    this = sched.start(most)
+    x = REFERENCE["initial"][:, :, :1, :2] * this.init_noise_sigma
+    generator = torch.Generator().manual_seed(SETTINGS["step_seed"])
+    for t in this.timesteps:
+        x = this.step(fake_unet(this.scale_model_input(x, t), t), t, x, generator=generator)
+    assert relative_error(x, theirs) <= 1e-5, (name, source, most)
+
+    T = sched.config.num_train_timesteps
+    if most < T:
+        assert _diffusers_outcome(script, name, sources[source], most + 1)[0] != "ok"
+    message = f"num_inference_steps: expected an integer from 1 to {most} for {sched.diffusers_name}(timestep_spacing="
+    with pytest.raises(ValueError, match=re.escape(message) + f".*got {most + 1}"):
+        sched.start(most + 1)
+
+
+def test_the_official_samplers_most_steps() -> None:
+    """What the hub's scheduler config allows (diffusers' outcomes are checked above): every sampler runs its 50."""
+    most = {name: make_scheduler(name).max_steps for name in SCHEDULERS}
+    assert most == {"pndm": 999, "ddim": 999, "lms": 1000, "euler": 1000, "euler-ancestral": 1000, "dpmpp-2m": 999,
+                    "dpmpp-2m-karras": 1000, "unipc": 999}
+    with pytest.raises(ValueError, match=r"got 1000: it would evaluate the model at timestep 1000, outside 0 to 999"):
+        make_scheduler("pndm").check_steps(1000)
+    with pytest.raises(ValueError, match=r"^--steps: .*timesteps 500 and 500 would have the same noise level"):
+        make_scheduler("dpmpp-2m").check_steps(1000, name="--steps")
+
+
+def test_trailing_spacing_refuses_the_counts_that_add_timestep_minus_one(diffusers_sources) -> None:
+    """diffusers' "trailing" spacing gives n + 1 timesteps, the last -1, for some n (61, 103, ...): refused, the gaps
+    listed; a neighbour runs."""
+    script, sources = diffusers_sources
+    config = {**SOURCES["fixture"], "timestep_spacing": "trailing"}
+    sched = make_scheduler("ddim", config)
+    assert 61 not in sched.allowed_steps and 60 in sched.allowed_steps and sched.max_steps == 1000
+    diffusers_ddim = script.CLASSES["ddim"][0].from_config(sources["fixture"].config, timestep_spacing="trailing")
+    diffusers_ddim.set_timesteps(61)
+    assert len(diffusers_ddim.timesteps) == 62 and diffusers_ddim.timesteps[-1] == -1
+    with pytest.raises(ValueError, match=r"from 1 to 1000 except 61, 103, .* more\) for DDIMScheduler.*got 61: it "
+                                         r"would evaluate the model at timestep -1"):
+        sched.start(61)
+    assert sched.start(60).timesteps.tolist() == _diffusers_timesteps(script, sources, config, 60)
+
+
+def _diffusers_timesteps(script, sources, config, steps: int) -> list[int]:  # noqa: ANN001
+    sched = script.CLASSES["ddim"][0].from_config(sources["fixture"].config,
+                                                  timestep_spacing=config["timestep_spacing"])
+    sched.set_timesteps(steps)
+    return sched.timesteps.tolist()

@@ -8,9 +8,6 @@ and compares the resulting configs key by key. Regenerate the fixture with
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -18,15 +15,11 @@ import pytest
 pytest.importorskip("diffusers")
 
 import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
-from conftest import CROSS_MACHINE_FLOAT32, load_script, made_on_this_machine  # noqa: E402
+from conftest import CommittedReference, load_script  # noqa: E402
 
 from pbe.schedulers import OFFICIAL_CONFIG, SCHEDULERS  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "fixtures" / "scheduler_reference.safetensors"
 # diffusers' LMS calls np.array on a tensor, which numpy 2 flags; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -38,22 +31,17 @@ def script() -> ModuleType:
 
 
 def test_scheduler_fixture_is_what_diffusers_computes(script: ModuleType) -> None:
-    committed = load_file(FIXTURE)
-    with safe_open(FIXTURE, "pt") as f:
-        settings = json.loads(f.metadata()["settings"])
+    committed = CommittedReference("scheduler_reference")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the script
     try:
         fresh, meta = script.scheduler_references()
+        pipelines, meta["pipeline_cases"] = script.pipeline_references(script.source_schedulers())
     finally:
         torch.set_num_threads(threads)
-    assert meta["cases"] == settings["cases"]
-    same_machine = made_on_this_machine(FIXTURE)
-    for key, value in fresh.items():
-        if same_machine:  # the same CPU, the same elementwise float32 arithmetic: the same bits
-            assert torch.equal(value, committed[key]), key
-        else:  # sin, exp and log may round by an ulp differently in another CPU's vector code, compounded over steps
-            assert (committed[key] - value).abs().max() <= CROSS_MACHINE_FLOAT32 * value.abs().max(), key
+    settings = committed.settings("settings")
+    assert meta["cases"] == settings["cases"] and meta["pipeline_cases"] == settings["pipeline_cases"]
+    committed.assert_matches_live(fresh | pipelines)
 
 
 def test_configs_equal_diffusers(script: ModuleType) -> None:

@@ -83,6 +83,37 @@ def image_encoder_config_from_transformers(cfg: dict, *, origin: str) -> ImageEn
     return ImageEncoderConfig(clip=clip, mapper_layers=(layers + 1) // 5, embed_dim=cfg.get("projection_dim", 768))
 
 
+# transformers' CLIPVisionConfig defaults (5.23): what it assumes for a key a config.json leaves out.
+_CLIP_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                         "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+                         "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+
+
+def clip_config_from_transformers(cfg: dict, *, origin: str) -> CLIPVisionConfig:
+    """The vision tower of a transformers ``CLIPVisionModel`` config.json, or of a ``CLIPModel`` one (its
+    ``vision_config``)."""
+    if cfg.get("model_type", "clip") not in ("clip", "clip_vision_model"):
+        raise CheckpointError(f"{origin}: model_type={cfg['model_type']!r}; expected a CLIP model (\"clip\" or "
+                              f"\"clip_vision_model\")")
+    vision = {**_CLIP_VISION_DEFAULTS, **cfg.get("vision_config", cfg)}
+    return image_encoder_config_from_transformers(vision, origin=origin).clip
+
+
+def clip_config_from_shapes(shapes: dict[str, torch.Size], prefix: str, base: CLIPVisionConfig) -> CLIPVisionConfig:
+    """The CLIP tower's structure from its tensor shapes under ``prefix`` (``""`` or ending in a dot); the head count
+    and LayerNorm epsilon, which shapes cannot tell, from ``base``. ``KeyError`` naming a tensor that is not there."""
+    patch = shapes[f"{prefix}embeddings.patch_embedding.weight"]
+    positions = shapes[f"{prefix}embeddings.position_embedding.weight"][0]
+    return dataclasses.replace(
+        base,
+        image_size=patch[-1] * math.isqrt(positions - 1),
+        patch_size=patch[-1],
+        width=patch[0],
+        layers=_count(list(shapes), rf"{re.escape(prefix)}encoder\.layers\.(\d+)\."),
+        mlp_dim=shapes[f"{prefix}encoder.layers.0.mlp.fc1.weight"][0],
+    )
+
+
 def _count(keys: list[str], pattern: str) -> int:
     """How many distinct values the one group in ``pattern`` takes among ``keys``."""
     regex = re.compile(pattern)
@@ -102,10 +133,16 @@ def structure_differences(config: PaintByExampleConfig, reference: PaintByExampl
     """``network.field value (LABEL value)`` for every field of ``config`` that differs from ``reference``."""
     found = []
     for network in ("unet", "vae", "image_encoder"):
-        for name, value, expected in _fields(getattr(config, network), getattr(reference, network)):
-            if value != expected:
-                found.append(f"{network}.{name} {value} ({label} {expected})")
+        found += field_differences(getattr(config, network), getattr(reference, network), label=label,
+                                   prefix=f"{network}.")
     return found
+
+
+def field_differences(config: object, reference: object, *, label: str, prefix: str = "") -> list[str]:
+    """``PREFIXfield value (LABEL value)`` for every field of the config dataclass ``config`` that differs from
+    ``reference`` (nested fields dotted)."""
+    return [f"{prefix}{name} {value} ({label} {expected})" for name, value, expected in _fields(config, reference)
+            if value != expected]
 
 
 def _fields(config: object, official: object) -> list[tuple[str, object, object]]:
@@ -183,17 +220,7 @@ def _read_ldm_structure(shapes: dict[str, torch.Size], base: PaintByExampleConfi
             channels=tuple(shapes[f"{v}.down.{i}.block.0.conv1.weight"][0] for i in range(vae_levels)),
             res_blocks=_count(keys, rf"{v}\.down\.0\.block\.(\d+)\."),
         )
-        c = "cond_stage_model.transformer.vision_model"
-        patch = shapes[f"{c}.embeddings.patch_embedding.weight"]
-        positions = shapes[f"{c}.embeddings.position_embedding.weight"][0]
-        clip = dataclasses.replace(
-            base.image_encoder.clip,
-            image_size=patch[-1] * math.isqrt(positions - 1),
-            patch_size=patch[-1],
-            width=patch[0],
-            layers=_count(keys, rf"{c}\.encoder\.layers\.(\d+)\."),
-            mlp_dim=shapes[f"{c}.encoder.layers.0.mlp.fc1.weight"][0],
-        )
+        clip = clip_config_from_shapes(shapes, "cond_stage_model.transformer.vision_model.", base.image_encoder.clip)
         image_encoder = ImageEncoderConfig(
             clip=clip,
             mapper_layers=_count(keys, r"cond_stage_model\.mapper\.resblocks\.(\d+)\."),

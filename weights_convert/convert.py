@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pbe.checkpoint import config_from_json, meta_network
+from pbe.checkpoint import config_from_json, is_native, meta_network, read_native
 from pbe.errors import CheckpointError
 from pbe.model import PaintByExampleConfig
 
@@ -34,7 +34,7 @@ LDM_PREFIXES = {"unet": ("model.diffusion_model.",), "vae": ("first_stage_model.
 class Converted:
     config: PaintByExampleConfig
     state_dicts: dict[str, dict[str, torch.Tensor]]  # network name -> our state dict
-    layout: str  # "diffusers" or "ldm"
+    layout: str  # "diffusers", "ldm" or "pbe native"
     sources: dict[str, str] = field(default_factory=dict)  # network name -> file it came from
     ignored: dict[str, str] = field(default_factory=dict)  # source key -> why it was skipped
 
@@ -59,8 +59,10 @@ def our_shapes(network: str, config: PaintByExampleConfig) -> dict[str, torch.Si
     return {k: v.shape for k, v in meta_network(network, config).state_dict().items()}
 
 
-def _convert_one(network: str, config: PaintByExampleConfig, layout: str, source: dict[str, torch.Tensor],
-                 ignored: dict[str, str], origin: str, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def convert_network(network: str, config: PaintByExampleConfig, layout: str, source: dict[str, torch.Tensor],
+                    ignored: dict[str, str], origin: str,
+                    dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One network of ``layout`` in our names (checked by ``mapping.build_keymap``), and the source keys it skipped."""
     shapes = {k: v.shape for k, v in source.items()}
     rules = RULES[layout][network](getattr(config, network))
     keymap = build_keymap(rules, our_shapes(network, config), shapes, ignored, origin=origin)
@@ -80,7 +82,8 @@ def _check_paint_by_example(config: PaintByExampleConfig, origin: str) -> None:
                               f"encoder makes {config.image_encoder.embed_dim}-wide ones")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A config.json; ``CheckpointError`` naming the file if it is missing or not JSON."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -95,7 +98,7 @@ def hub_folder_config(folder: Path) -> PaintByExampleConfig:
     for network, name in HUB_CONFIG_FILES.items():
         path = folder / name
         try:
-            found[network] = HUB_CONFIG_READERS[network](_read_json(path), origin=str(path))
+            found[network] = HUB_CONFIG_READERS[network](read_json(path), origin=str(path))
         except CheckpointError:
             raise
         except (ValueError, KeyError, TypeError) as err:  # a missing key, or values the network cannot be built from
@@ -153,7 +156,7 @@ def convert_hub_folder(folder: Path, *, dtype: torch.dtype | None = None,
         if path is None:
             raise CheckpointError(f"{folder / network}: no weights file (looked for {' or '.join(names)})")
         ignored = dict(IGNORED["diffusers"].get(network, []))
-        result.state_dicts[network], skipped = _convert_one(network, config, "diffusers", read_tensors(path), ignored, str(path), dtype)
+        result.state_dicts[network], skipped = convert_network(network, config, "diffusers", read_tensors(path), ignored, str(path), dtype)
         result.sources[network] = str(path)
         result.ignored.update(skipped)
     return result
@@ -177,15 +180,27 @@ def convert_ldm_state_dict(source: dict[str, torch.Tensor], *, origin: str, base
     result = Converted(config, {}, "ldm", ignored={k: v for k, v in common_ignored.items() if k in source})
     for network, prefixes in LDM_PREFIXES.items():
         part = {k: v for k, v in source.items() if k.startswith(prefixes)}
-        result.state_dicts[network], skipped = _convert_one(network, config, "ldm", part, common_ignored, origin, dtype)
+        result.state_dicts[network], skipped = convert_network(network, config, "ldm", part, common_ignored, origin, dtype)
         result.sources[network] = origin
         result.ignored.update(skipped)
     return result
 
 
+def convert_native(path: Path, *, base: PaintByExampleConfig | None = None,
+                   dtype: torch.dtype | None = None) -> Converted:
+    """A pbe native file, already in our names: its configs and tensors as they are (cast to ``dtype`` if given), so
+    that ``pbe convert`` can re-save it, e.g. in another dtype. ``base`` (if given) must equal its own config."""
+    config, state_dicts = read_native(path)
+    check_same_config(base, config, origin=str(path))
+    if dtype is not None:
+        state_dicts = {network: {k: t.to(dtype) if t.is_floating_point() else t for k, t in sd.items()}
+                       for network, sd in state_dicts.items()}
+    return Converted(config, state_dicts, "pbe native", sources=dict.fromkeys(state_dicts, str(path)))
+
+
 def convert(src: str | Path, *, base: PaintByExampleConfig | None = None, dtype: torch.dtype | None = None) -> Converted:
     """Either official layout -> our names. ``src``: a hub-layout folder, or an original-layout ``.ckpt`` or
-    ``.safetensors``.
+    ``.safetensors``; a pbe native ``.safetensors`` is taken as it is (``convert_native``).
 
     ``base``: the config of an original-layout checkpoint's networks (``read_config`` reads one from a file); needed
     unless its structure is the official one. A hub folder has its own, which ``base`` (if given) must equal.
@@ -195,6 +210,8 @@ def convert(src: str | Path, *, base: PaintByExampleConfig | None = None, dtype:
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
         return convert_hub_folder(path, dtype=dtype, base=base)
+    if is_native(path):
+        return convert_native(path, base=base, dtype=dtype)
     source = read_tensors(path)
     if any(k.startswith("model.diffusion_model.") for k in source):
         return convert_ldm_state_dict(source, origin=str(path), base=base, dtype=dtype)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pbe.checkpoint import cast_tensors
 from pbe.errors import CheckpointError
 
 from .tables import Rule, Transform
@@ -127,8 +128,5 @@ def build_keymap(
 
 def apply(keymap: KeyMap, source: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Our state dict from the source tensors (cast to ``dtype`` when given)."""
-    out = {}
-    for name, (src, transform) in keymap.pairs.items():
-        tensor = transform_tensor(source[src], transform)
-        out[name] = (tensor.to(dtype) if dtype is not None else tensor).contiguous()
-    return out
+    renamed = {name: transform_tensor(source[src], transform) for name, (src, transform) in keymap.pairs.items()}
+    return cast_tensors(renamed, dtype=dtype)

@@ -9,6 +9,9 @@ it both ways, shapes included.
 Two foreign layouts (``RULES[layout][network]``):
 - "diffusers": the hub repo ``Fantasy-Studio/Paint-by-Example`` (``unet/``, ``vae/``, ``image_encoder/`` folders).
 - "ldm": the original release ``model.ckpt`` (CompVis latent-diffusion names in one state dict).
+The paper's initialisation reads the same UNet and autoencoder names from Stable Diffusion 1.x files (both layouts;
+only what those files hold beyond them differs: ``SD_*`` below) and the CLIP tower alone from a transformers
+checkpoint (``transformers_clip_tower_rules``).
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def _clip_tower(config: ImageEncoderConfig, towers: tuple[str, ...]) -> list[Rul
     """The CLIP vision tower under one of ``towers`` (alternative spellings of its prefix)."""
 
     def clip(ours: str, theirs: str) -> Rule:
-        return Rule(f"clip.{ours}", tuple(f"{t}.{theirs}" for t in towers))
+        return Rule(f"clip.{ours}", tuple(f"{t}.{theirs}" if t else theirs for t in towers))
 
     rules = [clip("patch_embed", "embeddings.patch_embedding"), clip("class_embed", "embeddings.class_embedding"),
              clip("position_embed", "embeddings.position_embedding.weight"),
@@ -227,6 +230,18 @@ def ldm_image_encoder_rules(config: ImageEncoderConfig) -> list[Rule]:
                     rule("uncond_embedding", "learnable_vector")]
 
 
+# ---- the paper's initialisation: a transformers CLIP checkpoint, its vision tower only -----------------------------
+
+def transformers_clip_tower_rules(config: ImageEncoderConfig) -> list[Rule]:
+    """Our image encoder's CLIP tower (``clip.*`` only) -> a transformers ``CLIPVisionModel`` or ``CLIPModel`` file."""
+    return _clip_tower(config, TRANSFORMERS_CLIP_TOWERS)
+
+
+# CLIPModel (openai/clip-vit-large-patch14) and transformers-4 CLIPVisionModel files spell `vision_model.*`;
+# transformers 5 saves CLIPVisionModel without that level.
+TRANSFORMERS_CLIP_TOWERS = ("vision_model", "")
+
+
 RULES: dict[str, dict[str, Callable[..., list[Rule]]]] = {
     "diffusers": {"unet": diffusers_unet_rules, "vae": diffusers_vae_rules, "image_encoder": diffusers_image_encoder_rules},
     "ldm": {"unet": ldm_unet_rules, "vae": ldm_vae_rules, "image_encoder": ldm_image_encoder_rules},
@@ -258,3 +273,49 @@ IGNORED = {
         + [("cond_stage_model.transformer.vision_model.embeddings.position_ids", _POSITION_IDS)],
     },
 }
+
+
+# ---- what Stable Diffusion 1.x and CLIP files hold beyond the weights the paper's initialisation takes -------------
+
+# Stable Diffusion's networks in its original single file: the same prefixes as Paint by Example's release.
+SD_LDM_PREFIXES = {"unet": ("model.diffusion_model.",), "vae": ("first_stage_model.",)}
+# Whole foreign networks skipped on purpose: every key under the prefix, each listed in the report.
+SD_IGNORED_PREFIXES = [("cond_stage_model.transformer.text_model.",
+                        "Stable Diffusion's CLIP text encoder; Paint by Example conditions on an image instead")]
+SD_EMA_REASON = ("EMA copy of the UNet (LDM's LitEma); training starts from the non-EMA weights, as diffusers' "
+                 "converter does without extract_ema")
+
+
+def sd_ema_ignored(unet_keys: list[str]) -> list[tuple[str, str]]:
+    """The EMA copies of the UNet weights ``unet_keys`` (``model.diffusion_model.*``) that an SD 1.x file with both
+    sets holds (v1-5-pruned.ckpt), and LitEma's two counters."""
+    # LitEma names each shadow `model_ema.` + the parameter's name under `model.` with the dots removed.
+    names = ["model_ema." + key.removeprefix("model.").replace(".", "") for key in unet_keys]
+    return [(name, SD_EMA_REASON) for name in [*names, "model_ema.decay", "model_ema.num_updates"]]
+
+
+# A transformers CLIP checkpoint: file names in a folder (one is read, safetensors first) and what is skipped.
+CLIP_CONFIG_FILE = "config.json"
+CLIP_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_NOT_THE_TOWER = "not CLIP's vision tower; Paint by Example uses the pooled class token before any projection"
+CLIP_IGNORED_PREFIXES = [("text_model.", "CLIP's text tower; " + _NOT_THE_TOWER)]
+CLIP_IGNORED = [("text_projection.weight", _NOT_THE_TOWER), ("visual_projection.weight", _NOT_THE_TOWER),
+                ("logit_scale", _NOT_THE_TOWER), ("vision_model.embeddings.position_ids", _POSITION_IDS),
+                ("embeddings.position_ids", _POSITION_IDS)]
+
+# ---- LoRA files of diffusers and peft, for the UNet's attention projections ------------------------------------------
+# The spellings of one low-rank pair (down [rank, in], up [out, rank]) in their files, newest first. `{module}`: their
+# projection's path from `diffusers_unet_rules` (`...attn1.to_q`, `...attn1.to_out.0`); `{attention}` and `{name}`: its
+# attention's path and the projection's short name (`to_q`, ..., `to_out`), which the attention processors used.
+DIFFUSERS_LORA_PAIRS = (
+    ("{module}.lora_A.weight", "{module}.lora_B.weight"),  # peft, diffusers >= 0.22 (`save_lora_weights`)
+    ("{module}.lora.down.weight", "{module}.lora.up.weight"),  # LoRACompatibleLinear, diffusers 0.21
+    ("{attention}.processor.{name}_lora.down.weight", "{attention}.processor.{name}_lora.up.weight"),  # < 0.21
+)
+# The prefix diffusers' pipelines give the UNet's entries (`unet.down_blocks...`); files of a bare UNet have none.
+DIFFUSERS_LORA_PREFIX = "unet."
+# A text encoder's entries: Paint by Example has no text encoder, so a file holding them is refused, named.
+DIFFUSERS_LORA_TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
+# Where diffusers' `save_lora_weights` keeps the adapters' config (peft's LoraConfig as JSON: `r`, `lora_alpha`, under
+# `unet.` in a pipeline's file); without it, diffusers and peft take alpha = rank (scale 1).
+DIFFUSERS_LORA_METADATA_KEY = "lora_adapter_metadata"

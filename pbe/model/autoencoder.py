@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import AutoencoderConfig
 from .layers import Attention, Downsample, GroupNorm, GroupNormSiLU, ResBlock, Upsample, tokens_to_map
-from .noise import randn
+from .noise import Generators, randn
 
 
 def conv_layout(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, generator: Generators = None) -> torch.Tensor:
         """mean + std * noise; the noise is ONE randn of the latent's shape from ``generator`` (seeds match diffusers)."""
         noise = randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise

@@ -34,10 +34,16 @@ def norm_affine(norm: nn.GroupNorm | nn.LayerNorm, x: torch.Tensor) -> tuple[tor
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm over ``num_groups`` channel groups, returned in the activations' dtype."""
+    """GroupNorm over ``num_groups`` channel groups, returned in the activations' dtype.
+
+    Calls the kernel itself, not ``F.group_norm``: that wrapper refuses a group holding a single value ("Expected more
+    than 1 value per channel when training"), a guard for training statistics. At inference such a group is well
+    defined (it normalises to 0, leaving the bias), and a batch-1 call on a 1x1 map meets it where diffusers, which
+    runs the guided batch twice, does not: an 8x8 picture on networks with one channel per group.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, self.num_groups, *norm_affine(self, x), self.eps)
+        return torch.group_norm(x, self.num_groups, *norm_affine(self, x), self.eps, torch.backends.cudnn.enabled)
 
 
 class GroupNormSiLU(GroupNorm):

@@ -10,12 +10,16 @@ Both step from t to t - T // n whatever the spacing (diffusers' rule), and the s
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
-from .base import _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, noise_like, spaced_timesteps
+from ..model.noise import Generators
+from .base import (
+    _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, noise_like, spaced_timesteps, timesteps_problem,
+)
 
 
 class _AlphaRun(Run):
@@ -57,10 +61,24 @@ class DDIMScheduler(Scheduler):
         timesteps = torch.from_numpy(spaced_timesteps(self.config, n).round().astype(np.int64))
         return DDIMRun(self, timesteps, num_inference_steps=n)
 
+    def _steps_problem(self, n: int) -> str | None:
+        return timesteps_problem(spaced_timesteps(self.config, n).round(), self.config.num_train_timesteps)
+
 
 class DDIMRun(_AlphaRun):
+    @property
+    def max_eta(self) -> float:
+        """The largest eta for which 1 - alpha_bar_prev - sigma_t^2 >= 0 at every step (else the direction term is the
+        square root of a negative number): eta^2 <= (1 - alpha_bar_t) / (1 - alpha_bar_t / alpha_bar_prev)."""
+        bounds = []
+        for t in self.timesteps.tolist():
+            alpha_t, alpha_prev = self._alpha_bar(t), self._alpha_bar(t - self._stride)
+            if alpha_t < alpha_prev:  # else the step adds no noise (sigma_t = 0) whatever eta is
+                bounds.append(((1 - alpha_t) / (1 - alpha_t / alpha_prev)).item() ** 0.5)
+        return min(bounds, default=math.inf)
+
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """One DDIM step t -> t - T // n (Song et al. 2020, eq. 12); noise for eta > 0 comes from `generator`."""
         t = int(self.timesteps[i])
         alpha_t, alpha_prev = self._alpha_bar(t), self._alpha_bar(t - self._stride)
@@ -115,9 +133,6 @@ class PNDMScheduler(Scheduler):
             # model runs n + 1 times): the first step is taken twice, the second time with a better noise estimate.
             timesteps = np.concatenate([spaced[:2], spaced[1:]])
         else:
-            if n < 4:
-                raise ValueError(f"num_inference_steps: PNDM's Runge-Kutta warm-up (skip_prk_steps=False) needs at "
-                                 f"least 4 steps, got {n}")
             # The first three steps by Runge-Kutta, each at t, t - d/2, t - d/2, t - d (d = T // n, halved rounding
             # down), then PLMS from the fourth timestep: n + 9 model calls.
             half = self.config.num_train_timesteps // n // 2
@@ -126,6 +141,12 @@ class PNDMScheduler(Scheduler):
             prk = np.repeat(prk, 2)[1:-1][::-1]
             timesteps = np.concatenate([prk, spaced[3:]])
         return PNDMRun(self, torch.from_numpy(timesteps.astype(np.int64)), num_inference_steps=n)
+
+    def _steps_problem(self, n: int) -> str | None:
+        if not self.config.skip_prk_steps and n < 4:
+            return "PNDM's Runge-Kutta warm-up (skip_prk_steps=False) needs at least 4 steps"
+        # The Runge-Kutta timesteps lie between the spaced ones: checking these is enough.
+        return timesteps_problem(spaced_timesteps(self.config, n).round(), self.config.num_train_timesteps)
 
 
 class PNDMRun(_AlphaRun):
@@ -138,7 +159,7 @@ class PNDMRun(_AlphaRun):
         self.rk_sum: torch.Tensor | float = 0  # the Runge-Kutta weighted sum of this step's noise predictions
 
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """One PLMS (or Runge-Kutta) step (`eta` and `generator` are ignored: PNDM is deterministic)."""
         if not self.config.skip_prk_steps and i < self.PRK_CALLS:
             return self._runge_kutta(i, model_output, sample)

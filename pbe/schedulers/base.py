@@ -11,6 +11,7 @@ et al. (arXiv 2206.00364), in which x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from ..model.noise import randn
+from ..model.noise import Generators, randn
 
 Timestep = int | float | torch.Tensor  # a python number or a 0-d tensor taken from `run.timesteps`
 S = TypeVar("S", bound="Scheduler")
@@ -112,12 +113,48 @@ class Scheduler:
 
     def start(self, num_inference_steps: int) -> Run:
         """A new run (one generation) of `num_inference_steps` steps: its timesteps and its own state."""
-        T = self.config.num_train_timesteps
-        if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral)
-                or not 1 <= num_inference_steps <= T):
-            raise ValueError(f"num_inference_steps: expected an integer from 1 to num_train_timesteps = {T}, "
-                             f"got {num_inference_steps!r}")
-        return self._start(int(num_inference_steps))
+        return self._start(self.check_steps(num_inference_steps))
+
+    def check_steps(self, num_inference_steps: int, *, name: str = "num_inference_steps") -> int:
+        """`num_inference_steps` as an int if this sampler, with its config, can run that many steps; else a one-line
+        ValueError naming `name` (the CLI passes "--steps"), the value and the step counts it can run.
+
+        Allowed: 1 to num_train_timesteps (diffusers refuses more), except counts for which diffusers would evaluate
+        the model at a timestep outside 0 .. T-1 (it crashes, or silently indexes from the end: 1000 steps with
+        "leading" spacing and steps_offset 1; "trailing" spacing's extra timestep -1 for some counts), and, for the
+        samplers that divide by differences of noise levels (LMS, DPM-Solver, UniPC), counts that give two steps the
+        same noise level (diffusers returns NaN or crashes). Computed from the config alone: no model runs.
+        """
+        n = num_inference_steps
+        in_range = (not isinstance(n, bool) and isinstance(n, numbers.Integral)
+                    and 1 <= n <= self.config.num_train_timesteps)
+        problem = self._steps_problem(int(n)) if in_range else None
+        if not in_range or problem is not None:
+            raise ValueError(f"{name}: expected an integer {_describe_counts(self.allowed_steps)} for "
+                             f"{self._config_summary()}, got {n!r}" + (f": {problem}" if problem else ""))
+        return int(n)
+
+    @functools.cached_property
+    def allowed_steps(self) -> tuple[int, ...]:
+        """Every step count this sampler can run with its config (see `check_steps`), ascending."""
+        return tuple(n for n in range(1, self.config.num_train_timesteps + 1) if self._steps_problem(n) is None)
+
+    @property
+    def max_steps(self) -> int:
+        """The most steps this sampler can run with its config."""
+        return self.allowed_steps[-1]
+
+    def _steps_problem(self, n: int) -> str | None:
+        """Why n steps (1 <= n <= T) cannot run with this config, or None: overridden by the samplers that have a
+        reason."""
+        return None
+
+    def _config_summary(self) -> str:
+        """The sampler and the config keys that decide its timesteps, as a user would write them."""
+        keys = ["timestep_spacing", "steps_offset", "num_train_timesteps"]
+        keys += [key for key in ("skip_prk_steps",) if key in self.DEFAULTS]
+        keys += [key for key in ("use_karras_sigmas",) if key in self.DEFAULTS and self.config[key]]
+        return f"{self.diffusers_name}({', '.join(f'{key}={self.config[key]!r}' for key in keys)})"
 
     def _start(self, n: int) -> Run:
         raise NotImplementedError
@@ -146,13 +183,18 @@ class Run:
         self.init_noise_sigma = init_noise_sigma
         self.step_index = 0  # index into `timesteps` of the step due next
 
+    @property
+    def max_eta(self) -> float:
+        """The largest `eta` every step of this run can take (DDIM's; the others ignore eta: infinity)."""
+        return math.inf
+
     def scale_model_input(self, sample: torch.Tensor, t: Timestep) -> torch.Tensor:
         """The model's input for `sample` at `t` (the sample itself, except for the sigma-space samplers)."""
         self._due(t)
         return sample
 
     def step(self, model_output: torch.Tensor, t: Timestep, sample: torch.Tensor, *, eta: float = 0.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: Generators = None) -> torch.Tensor:
         """The sample at the next timestep, given the model's prediction `model_output` for `sample` at `t`.
 
         `eta` is DDIM's noise scale (ignored by the others); `generator` serves the samplers that draw noise.
@@ -163,7 +205,7 @@ class Run:
         return prev_sample
 
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         raise NotImplementedError
 
     def _due(self, t: Timestep) -> int:
@@ -239,6 +281,37 @@ def spaced_timesteps(config: Mapping[str, Any], n: int) -> np.ndarray:
     return np.round(np.arange(T, 0, -T / n)) - 1  # "trailing"
 
 
+def timesteps_problem(timesteps: np.ndarray, num_train_timesteps: int) -> str | None:
+    """Why a run's timesteps cannot run (one outside the training timesteps 0 .. T-1), or None."""
+    outside = timesteps[(timesteps < 0) | (timesteps > num_train_timesteps - 1)]
+    if len(outside):
+        return f"it would evaluate the model at timestep {outside[0]:g}, outside 0 to {num_train_timesteps - 1}"
+    return None
+
+
+def sigmas_problem(timesteps: np.ndarray, sigmas: np.ndarray) -> str | None:
+    """Why a run's sigmas cannot run a sampler that divides by their differences (two equal ones), or None."""
+    same = np.flatnonzero(np.diff(sigmas) >= 0)
+    if len(same):
+        i = same[0]
+        return (f"timesteps {timesteps[i]:g} and {timesteps[i + 1]:g} would have the same noise level (the sampler "
+                f"divides by its change)")
+    return None
+
+
+def _describe_counts(counts: tuple[int, ...]) -> str:
+    """'from 1 to 999', or with the gaps: 'from 1 to 1000 except 61, 103 (and 5 more)'."""
+    if not counts:
+        return "(none: this config leaves no step count that runs)"
+    low, high = counts[0], counts[-1]
+    missing = sorted(set(range(low, high + 1)) - set(counts))
+    text = f"from {low} to {high}"
+    if missing:
+        text += " except " + ", ".join(map(str, missing[:6])) + (f" (and {len(missing) - 6} more)"
+                                                                  if len(missing) > 6 else "")
+    return text
+
+
 def train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
     """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for t = 0 .. T-1, float32 as diffusers computes them."""
     return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
@@ -265,6 +338,6 @@ def sigma_to_t(sigma: np.ndarray, train: np.ndarray) -> np.ndarray:
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
-def noise_like(like: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def noise_like(like: torch.Tensor, generator: Generators, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fresh N(0, 1) noise shaped like `like`, drawn by pbe's one rule (`pbe.model.noise.randn`)."""
     return randn(like.shape, generator=generator, device=like.device, dtype=dtype or like.dtype)

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..model.noise import Generators
 from .base import (
     _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, karras_sigmas, sigma_to_t, sigmas_at,
-    spaced_timesteps, train_sigmas,
+    sigmas_problem, spaced_timesteps, timesteps_problem, train_sigmas,
 )
 
 
@@ -33,13 +34,23 @@ class _MultistepScheduler(Scheduler):
     _run: type[MultistepRun]
     _round_karras_timesteps: bool  # DPM-Solver rounds the Karras timesteps except for "squaredcos_cap_v2"; UniPC always
 
-    def _start(self, n: int) -> Run:
+    def _spaced(self, n: int) -> np.ndarray:
         if self.config.timestep_spacing == "trailing":
             timesteps = spaced_timesteps(self.config, n)
         else:
             # Reference quirk: n + 1 points from T-1 (or the leading grid) down to 0, and the last one (t ~ 0) dropped.
             timesteps = spaced_timesteps(self.config, n + 1)[:-1]
-        timesteps = timesteps.round().astype(np.int64)
+        return timesteps.round().astype(np.int64)
+
+    def _steps_problem(self, n: int) -> str | None:
+        if self.config.use_karras_sigmas:
+            return None  # Karras sigmas over the whole training range: distinct, at timesteps inside it
+        timesteps = self._spaced(n)
+        return (timesteps_problem(timesteps, self.config.num_train_timesteps)
+                or sigmas_problem(timesteps, sigmas_at(timesteps, train_sigmas(self.alphas_cumprod))))
+
+    def _start(self, n: int) -> Run:
+        timesteps = self._spaced(n)
         train = train_sigmas(self.alphas_cumprod)
         if self.config.use_karras_sigmas:
             # Karras et al. (arXiv 2206.00364) eq. 5 over the whole training range, then the nearest timesteps.
@@ -77,7 +88,7 @@ class MultistepRun(Run):
 
 class DPMSolverRun(MultistepRun):
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """With r = h_{i-1} / h_i and D = x_0 predictions (Lu et al. 2022, Algorithm 2, "midpoint"):
 
             x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) (D_i + (D_i - D_{i-1}) / (2 r))
@@ -154,7 +165,7 @@ class UniPCRun(MultistepRun):
         self.last_order = 0  # the order of the previous prediction
 
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """Correct the sample predicted last step with this step's model output (UniC), then predict the next one
         (UniP): order 1 at the first step and the last, 2 in between."""
         x0 = self._pred_x0(i, model_output, sample)  # from the uncorrected sample, as diffusers

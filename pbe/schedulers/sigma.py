@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..model.noise import Generators
 from .base import (
-    _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, karras_sigmas, noise_like, sigma_to_t, sigmas_at, spaced_timesteps,
-    train_sigmas,
+    _SCHEDULE_DEFAULTS, BETA_SCHEDULES, SPACINGS, Run, Scheduler, karras_sigmas, noise_like, sigma_to_t, sigmas_at,
+    sigmas_problem, spaced_timesteps, timesteps_problem, train_sigmas,
 )
 
 LMS_ORDER = 4  # how many past derivatives the LMS rule combines
@@ -31,6 +32,7 @@ class _SigmaScheduler(Scheduler):
     """Timesteps and sigmas of the sigma-space samplers (diffusers' shared `set_timesteps`)."""
 
     _run: type[SigmaRun]
+    _divides_by_sigma_steps: bool = False  # LMS: its Lagrange coefficients divide by differences of sigmas
 
     def _start(self, n: int) -> Run:
         timesteps = spaced_timesteps(self.config, n).astype(np.float32)
@@ -47,6 +49,20 @@ class _SigmaScheduler(Scheduler):
         init = sigma_max if self.config.timestep_spacing != "leading" else (sigma_max**2 + 1) ** 0.5
         return self._run(self, torch.from_numpy(timesteps.astype(np.float32)), num_inference_steps=n,
                          init_noise_sigma=float(init), sigmas=sigmas)
+
+    def _steps_problem(self, n: int) -> str | None:
+        timesteps = spaced_timesteps(self.config, n).astype(np.float32)
+        sigmas = sigmas_at(timesteps, train_sigmas(self.alphas_cumprod))
+        if self.config.get("use_karras_sigmas", False):
+            # The model runs at the timesteps of the Karras sigmas, which lie inside the training range; these are
+            # distinct unless the spaced run's end points share a sigma.
+            if n == 1 or not self._divides_by_sigma_steps:
+                return None
+            return sigmas_problem(timesteps[[0, -1]], sigmas[[0, -1]])
+        problem = timesteps_problem(timesteps, self.config.num_train_timesteps)
+        if problem is None and self._divides_by_sigma_steps:
+            problem = sigmas_problem(timesteps, sigmas)
+        return problem
 
 
 class SigmaRun(Run):
@@ -78,7 +94,7 @@ class LMSRun(SigmaRun):
         self.derivatives: list[torch.Tensor] = []  # dx/dsigma at the last (up to 4) timesteps, oldest first
 
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """x_{i+1} = x_i + sum_j c_j d_{i-j},  c_j = integral over [sigma_i, sigma_{i+1}] of the Lagrange basis
         polynomial that is 1 at sigma_{i-j} and 0 at the other history sigmas (the order grows 1, 2, 3, 4)."""
         sigma = self.sigmas[i]
@@ -121,6 +137,7 @@ class LMSScheduler(_SigmaScheduler):
         "steps_offset": 0,
     }
     _run = LMSRun
+    _divides_by_sigma_steps = True
     IMPLEMENTED = {"beta_schedule": BETA_SCHEDULES, "timestep_spacing": SPACINGS, "use_exponential_sigmas": (False,),
                    "use_beta_sigmas": (False,), "prediction_type": ("epsilon", "sample", "v_prediction")}
     multistep_order = 4  # how many past derivatives the multistep rule combines
@@ -128,7 +145,7 @@ class LMSScheduler(_SigmaScheduler):
 
 class EulerRun(SigmaRun):
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i,  d_i = (x_i - x_0) / sigma_i."""
         sample = sample.to(torch.float32)  # Reference quirk: the step runs in float32 whatever the sample's dtype
         sigma = self.sigmas[i]
@@ -165,7 +182,7 @@ class EulerScheduler(_SigmaScheduler):
 
 class EulerAncestralRun(SigmaRun):
     def _step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, *, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: Generators) -> torch.Tensor:
         """sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2,  sigma_down^2 = sigma_next^2 - sigma_up^2;
         x_{i+1} = x_i + (sigma_down - sigma) d_i + sigma_up z,  z ~ N(0, I) from `generator` (every step, the last
         one included, whose sigma_up is 0: diffusers draws it too)."""
