@@ -163,10 +163,13 @@ def measure_job(job: dict) -> dict:
     side = TINY_SIDE if job["tiny"] else FULL_SIDE
     reference_side = networks.image_encoder.config.clip.image_size
     lora = setting.method == "lora"
+    data = TrainConfig().data
     config = TrainConfig(batch_size=job["batch"], precision=setting.precision,
                          gradient_checkpointing=setting.checkpointing, lora_rank=LORA_RANK if lora else None,
                          lora_alpha=LORA_ALPHA if lora else None, workers=0,
-                         data=dataclasses.replace(TrainConfig().data, resolution=side, reference_size=reference_side))
+                         data=dataclasses.replace(  # the affine warp scales with the reference (data.py checks it)
+                             data, resolution=side, reference_size=reference_side,
+                             elastic_affine=data.elastic_affine * reference_side / data.reference_size))
 
     # What pbe.train.loop._train does before its loop (one process: no wrapping).
     torch.manual_seed(config.seed)
