@@ -33,13 +33,8 @@ CPU model and its bf16 instruction flags (avx512_bf16, amx_bf16), torch version,
 before and after each configuration (other processes on the machine slow the steps down: the timings are only as
 good as the machine was idle).
 
-Measured (2026-12-04; AMD EPYC, 2 cores shared with other jobs, load average 4-7; avx512_bf16, no AMX; torch 2.13
-CPU; 512x512, batch 1; --configs lora-ckpt-fp32,lora-ckpt-bf16,full-ckpt-fp32,full-ckpt-bf16,full-nockpt-fp32
---memory-limit 18): s per step / step peak GiB: LoRA ckpt fp32 142 / 6.69, bf16 97 / 6.09; full ckpt fp32 160 /
-15.94, bf16 97 / 16.11; full no-ckpt fp32 112 / 16.59. Built networks (1.31 B parameters, float32): 5.19 GiB. The
-full fine-tune's peak is its fixed memory (901 M trained parameters: gradients 3.36 GiB + AdamW moments 6.71 GiB on
-top of the weights) plus under 1 GiB; LoRA (598 k trained) holds 1.50 GiB (fp32) / 0.90 GiB (bf16) above the
-weights at batch 1, an upper bound of its activations per sample.
+Figures measured with it (all eight configurations, idle 2-core AMD EPYC with AVX-512-BF16) and what they mean
+for a GPU: README, "Training", "What a step costs".
 """
 
 from __future__ import annotations
