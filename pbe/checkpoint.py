@@ -203,11 +203,13 @@ def cast_tensors(tensors: dict[str, torch.Tensor], *, dtype: torch.dtype | None 
     """``tensors`` moved to ``device`` and cast to ``dtype`` (each ``None``: kept), one at a time, contiguous; a
     memory-mapped source that had to be copied hands its file pages back at once (see above), so converting a whole
     checkpoint to a narrower dtype peaks at the converted tensors plus the largest source tensor."""
-    mappings = _file_mappings() if sys.platform.startswith("linux") else []
+    mappings: list[tuple[int, int]] | None = None  # read once, at the first copy (a plain rename copies nothing)
     out = {}
     for key, tensor in tensors.items():
         cast = tensor.to(device=device, dtype=dtype).contiguous()
         if cast.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
+            if mappings is None:
+                mappings = _file_mappings() if sys.platform.startswith("linux") else []
             _release_file_pages(tensor, mappings)
         out[key] = cast
     return out

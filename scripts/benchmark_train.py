@@ -55,8 +55,10 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for folder in (REPO_ROOT, REPO_ROOT / "scripts"):  # pbe, and the sibling scripts
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+from benchmark import _reset_peak  # noqa: E402 (the inference benchmark's: one way to reset the resident peak)
 
 TINY_HUB = REPO_ROOT / "tests" / "fixtures" / "hub"
 FULL_SIDE, TINY_SIDE = 512, 64  # pixels per side of the training images
@@ -99,17 +101,10 @@ def _status_kib(field: str, pid: int | str = "self") -> int | None:
     return None
 
 
+
+
 def _gib(kib: int | None) -> float | None:
     return None if kib is None else kib * 1024 / GIB
-
-
-def _reset_peak() -> bool:
-    """Reset this process's resident high-water mark to its current resident set (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def build_networks(tiny: bool) -> Any:
