@@ -29,10 +29,12 @@ LAYERS = [
     ("weights_convert",),  # the foreign layouts -> pbe's names
     ("pbe.loading",),
     ("pbe.lora_files",),  # LoRA files (pbe's and diffusers'/peft's) and merging one into a checkpoint
+    ("pbe.options",),  # the painting options, defined once: paint, batch, serve and the pipeline use them
     ("pbe.pipeline",),
     ("pbe.batch",),  # many pictures, many processes: on top of the pipeline
     ("pbe.evaluation",),  # quality metrics (FID, CLIP score, QS) of painted pictures: reads pbe batch's manifests
     ("pbe.train",),  # training: recipe, step, loop, data, processes; validation paints through the pipeline
+    ("pbe.serve",),  # `pbe serve`: the web page and its HTTP API, one model for many users
     ("pbe.cli",),
     ("pbe.__main__",),  # `python -m pbe`
 ]
