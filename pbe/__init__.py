@@ -20,6 +20,9 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it.
 _EXPORTS = {
     "CheckpointError": "pbe.errors",
+    "ModelOptions": "pbe.options",
+    "OptionError": "pbe.options",
+    "PaintOptions": "pbe.options",
     "PaintByExample": "pbe.pipeline",
     "PaintByExampleNetworks": "pbe.loading",
     "PaintByExampleOutput": "pbe.pipeline",
@@ -27,13 +30,14 @@ _EXPORTS = {
     "reuse_freed_memory": "pbe.memory",
 }
 
-__all__ = ["CheckpointError", "PaintByExample", "PaintByExampleNetworks", "PaintByExampleOutput", "__version__", "load",
-           "reuse_freed_memory"]
+__all__ = ["CheckpointError", "ModelOptions", "OptionError", "PaintByExample", "PaintByExampleNetworks",
+           "PaintByExampleOutput", "PaintOptions", "__version__", "load", "reuse_freed_memory"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
     from .errors import CheckpointError
     from .loading import PaintByExampleNetworks, load
     from .memory import reuse_freed_memory
+    from .options import ModelOptions, OptionError, PaintOptions
     from .pipeline import PaintByExample, PaintByExampleOutput
 
 

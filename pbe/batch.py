@@ -15,7 +15,7 @@ continues where it stopped. Under a distributed launcher (``torchrun``: environm
 From Python::
 
     pipe = PaintByExample.from_pretrained(...)
-    outcomes = pbe.batch.paint_manifest(pipe, "data/manifest.jsonl", "painted", num_inference_steps=50)
+    outcomes = pbe.batch.paint_manifest(pipe, "data/manifest.jsonl", "painted", options=pbe.PaintOptions(steps=50))
     failed = [o for o in outcomes if o.status == "failed"]
 """
 
@@ -40,6 +40,7 @@ from . import images
 from .devices import Ranks, ranks_from_environment  # noqa: F401 -- pbe.batch.ranks_from_environment stays
 from .errors import UsageError
 from .files import write_atomically
+from .options import PaintOptions
 from .pipeline import PaintByExample
 
 FIELDS = ("image", "mask", "example", "seed", "output")  # what a manifest row may hold
@@ -321,39 +322,39 @@ def paint_manifest(
     rows: Sequence[Row] | str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
     *,
+    options: PaintOptions = PaintOptions(),
     seed: int = 0,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 5.0,
-    keep_unmasked: bool = False,
-    mask_blur: float = 0.0,
     overwrite: bool = False,
     ranks: Ranks = Ranks(),
     progress: bool = True,
     on_outcome: Callable[[RowOutcome], None] | None = None,
-    **pipe_kwargs: Any,
 ) -> list[RowOutcome]:
     """Paint the rows of a manifest (``rows``: from ``read_manifest``/``parse_rows``, or a manifest path) into
     ``output_dir``, one row at a time, and return one outcome per row of this rank, in row order.
 
-    Each row is painted exactly as ``pipe(example, image, mask, generator=torch.Generator().manual_seed(s))`` with
+    Each row is painted exactly as ``pipe(example, image, mask, options=options,
+    generator=torch.Generator().manual_seed(s))`` (``options``: the painting options, ``pbe.PaintOptions``) with
     ``s`` = its ``seed`` field, else ``seed`` + its index, so its result equals ``pbe paint`` with that seed and does
     not depend on the other rows or on ``ranks``. A row that fails (missing or corrupt file, size mismatch, out of
     memory, ...) is reported in its outcome and the run goes on. Rows whose output exists are skipped unless
     ``overwrite``. With ``ranks`` this process only handles rows ``i`` with ``i mod world_size == rank``.
     ``on_outcome`` is called after each row (the CLI prints failures with it); ``progress`` shows a bar over rows
     (with one rank only: several ranks share one stderr, so the CLI prints a line per row instead).
-    Other keyword arguments go to ``pipe(...)`` as they are (``scheduler``, ``eta``, the large-picture options
-    ``hd_strategy``, ``resolution``, ``hd_trigger``, ``hd_margin``, ...).
 
     Raises:
         ManifestError: a malformed manifest, or a row whose output is an input file (before anything is painted).
-        ValueError: a seed out of range (before anything is painted).
+        ValueError: a seed out of range, or (``OptionError``) a step count or ``eta`` the sampler cannot run (before
+            anything is painted).
     """
     if isinstance(rows, (str, os.PathLike)):
         rows = read_manifest(rows)
     output_dir = Path(output_dir)
     check_seeds(rows, seed)
     check_outputs_are_not_inputs(rows, output_dir)
+    if not isinstance(options, PaintOptions):
+        raise TypeError(f"options: expected a pbe.PaintOptions, got {type(options).__name__}")
+    # Refused once here rather than in every row; ``pipe`` may be any callable of the pipeline's call shape.
+    options.check_run(options.make_scheduler(getattr(pipe, "scheduler_config", None)))
     outcomes: dict[int, RowOutcome] = {}
     pending = pending_rows(rows, output_dir, ranks=ranks, overwrite=overwrite)
     pending_indices = {row.index for row in pending}
@@ -371,9 +372,8 @@ def paint_manifest(
         output = output_dir / row.output
         try:
             inputs = _load_row(row)
-            painted = pipe(inputs["example"], inputs["image"], inputs["mask"], num_inference_steps=num_inference_steps,
-                           guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(row_seed_),
-                           keep_unmasked=keep_unmasked, mask_blur=mask_blur, progress=False, **pipe_kwargs).images[0]
+            painted = pipe(inputs["example"], inputs["image"], inputs["mask"], options=options,
+                           generator=torch.Generator().manual_seed(row_seed_), progress=False).images[0]
             save_image(painted, output)
             outcome = RowOutcome(row, "painted", row_seed_, output)
         except Exception as err:  # noqa: BLE001 -- one bad row must not end a run of thousands; the outcome says why

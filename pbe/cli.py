@@ -3,8 +3,9 @@ one model load (restartable; ``torchrun`` spreads it over processes), ``pbe conv
 ``pbe merge-lora CHECKPOINT LORA -o OUT`` folds a LoRA file into one, ``pbe train`` trains (pbe.train),
 ``pbe eval`` measures quality (``pbe.evaluation.command``).
 
-``paint`` and ``batch`` share their painting options (one definition: ``_add_paint_options``) and check them the same
-way, before anything loads: ranges (``--steps`` against the counts the sampler can run, ...), outputs that would
+``paint`` and ``batch`` share their painting options, defined once in pbe.options (``PaintOptions``, ``ModelOptions``:
+the pipeline and ``pbe serve`` use the same definitions), and check them the same way, before anything loads: ranges
+(``--steps`` against the counts the sampler can run, ...), outputs that would
 overwrite an input, an output folder that is missing or cannot be written. They print, on stderr, the device and dtype
 they run on (``auto``, the default, resolved: see pbe.devices) and the command line that repeats the run (its seed,
 device and dtype included), then the progress bar. Outputs are written atomically (a temporary file in the same
@@ -25,22 +26,24 @@ import os
 import shlex
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from weights_convert import command as convert_command
 
-from . import __version__, batch, devices, images, lora_files, regions
+from . import __version__, batch, devices, images, lora_files
 from .batch import OUTPUT_FORMATS, save_image
 from .checkpoint import DTYPES
 from .errors import COMMAND_ERRORS, CheckpointError, UsageError, error_line, exit_status, sigterm_as_interrupt
 from .evaluation import command as eval_command
-from .loading import DEFAULT_REPO, looks_like_path, resolve_checkpoint
+from .loading import looks_like_path, resolve_checkpoint
+from .options import ModelOptions, OptionError, PaintOptions
 from .pipeline import PaintByExample
-from .schedulers import SCHEDULERS, Scheduler, make_scheduler
+from .schedulers import Scheduler
 from .train import config as train_config
 
 if TYPE_CHECKING:
@@ -62,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="output .png or .jpg (with --num-images N > 1: OUT-0.png ... OUT-{N-1}.png)")
     paint.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
     paint.add_argument("--num-images", type=int, default=1, help="images to paint (default 1)")
-    _add_paint_options(paint)
+    _add_painting_flags(paint)
 
     convert_command.add_arguments(commands.add_parser("convert", help="convert a checkpoint to pbe's native .safetensors",
                                                       description=convert_command.DESCRIPTION))
@@ -74,116 +77,59 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_paint_options(parser: argparse.ArgumentParser) -> None:
-    """The painting options ``paint`` and ``batch`` share: one definition, so their defaults and choices agree."""
-    parser.add_argument("--checkpoint", default=DEFAULT_REPO,
-                        help=f"hub repo id (default {DEFAULT_REPO}), hub-layout folder, original model.ckpt "
-                             "or pbe .safetensors")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="the networks' config, for an original-layout checkpoint of a non-official structure: "
-                             "a pbe config JSON or a hub-layout folder (its unet/, vae/, image_encoder/ config.json)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=5.0,
-                        help="classifier-free guidance scale; 1 or less turns guidance off (default 5)")
-    parser.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="pndm", help="sampler (default pndm)")
-    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                        help="network precision; auto: fp16 on a GPU, bf16 on a CPU with bfloat16 instructions "
-                             "(AVX-512-BF16, AMX), fp32 on other CPUs (default auto)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps (default auto); "
-                             "under torchrun, auto and cuda mean cuda:LOCAL_RANK")
-    parser.add_argument("--keep-unmasked", action="store_true",
-                        help="paste the input back outside the mask (the model alone shifts its colours slightly)")
-    parser.add_argument("--mask-blur", type=float, default=0.0,
-                        help="with --keep-unmasked: feather the seam by this many pixels (default 0: hard edge)")
-    parser.add_argument("--hd-strategy", choices=regions.STRATEGIES, default="crop",
-                        help="pictures larger than --hd-trigger: crop (paint each mask region in a box around it, "
-                             "scaled to --resolution), resize (paint the whole picture scaled to --resolution) or "
-                             "original (paint it at its own size: slow, and at a scale the model never saw); crop "
-                             "and resize paste the painted part back through the mask (default crop)")
-    parser.add_argument("--resolution", type=int, default=512,
-                        help="working size of the longer side with crop and resize, a multiple of 8 (default 512)")
-    parser.add_argument("--hd-trigger", type=int, default=800,
-                        help="pictures whose longer side is at most this many pixels are painted whole, at their "
-                             "own size (default 800)")
-    parser.add_argument("--hd-margin", type=int, default=128,
-                        help="with crop: pixels of context around each mask region (default 128)")
-    parser.add_argument("--lora", type=Path, default=None,
-                        help="a LoRA file for the UNet: pbe's (pbe train) or diffusers'/peft's "
-                             "(pytorch_lora_weights.safetensors)")
-    parser.add_argument("--lora-scale", type=float, default=1.0,
-                        help="with --lora: its strength, 1 = as trained, 0 = the base model (default 1)")
+def _add_painting_flags(parser: argparse.ArgumentParser) -> None:
+    """The painting flags ``paint`` and ``batch`` share, generated from pbe.options: one definition, so their
+    defaults, choices and checks agree with the pipeline's and ``pbe serve``'s."""
+    ModelOptions.add_arguments(parser)
+    PaintOptions.add_arguments(parser)
 
 
-def _scheduler(args: argparse.Namespace) -> Scheduler:
+def _read_options(args: argparse.Namespace, **model_changes: Any) -> tuple[PaintOptions, ModelOptions]:
+    """The painting options the flags give, each value checked (a bad one is a usage error naming its flag)."""
+    try:
+        return PaintOptions.from_arguments(args), ModelOptions.from_arguments(args, **model_changes)
+    except OptionError as err:
+        raise UsageError(str(err)) from None
+
+
+def _checkpoint_scheduler(options: PaintOptions, checkpoint: str) -> Scheduler:
     """The sampler the run will use, built as the pipeline builds it: from the checkpoint folder's scheduler config if
     it has one, else the official config; read without loading anything."""
-    config_file = Path(args.checkpoint) / "scheduler" / "scheduler_config.json"
+    config_file = Path(checkpoint) / "scheduler" / "scheduler_config.json"
     try:
         config = json.loads(config_file.read_text()) if config_file.is_file() else None
     except (OSError, ValueError) as err:
-        raise ValueError(f"--checkpoint {args.checkpoint}: cannot read {config_file}: {err}") from None
-    return make_scheduler(args.scheduler, config)
+        raise ValueError(f"--checkpoint {checkpoint}: cannot read {config_file}: {err}") from None
+    return options.make_scheduler(config)
 
 
-def _check_paint_options(args: argparse.Namespace) -> str:
-    """Reject bad values of the shared painting options before anything slow happens (UsageError: exit 2), then
-    settle an ``auto`` device and dtype: returns the line that says which run."""
-    scheduler = _scheduler(args)
+def _check_run(options: PaintOptions, model: ModelOptions) -> tuple[ModelOptions, str]:
+    """Refuse, before anything slow happens (UsageError: exit 2), what these options cannot run: a step count or
+    ``--eta`` the sampler cannot take with the checkpoint's scheduler config, a LoRA file that is not one, a device
+    that does not exist here or a dtype that does not run there. Returns the model options with ``auto`` device and
+    dtype settled (what runs and what the repeat command names) and the line that says which run it is."""
     try:
-        scheduler.check_steps(args.steps, name="--steps")
-    except ValueError as err:  # the step counts this sampler can run with this config
+        options.check_run(_checkpoint_scheduler(options, model.checkpoint), label=PaintOptions.flag)
+    except OptionError as err:
         raise UsageError(str(err)) from None
-    if not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance: expected a finite number, got {args.guidance}")
-    if not math.isfinite(args.mask_blur) or args.mask_blur < 0:
-        raise UsageError(f"--mask-blur: expected a radius >= 0, got {args.mask_blur}")
-    if args.mask_blur > 0 and not args.keep_unmasked:
-        raise UsageError("--mask-blur only applies with --keep-unmasked")
-    if args.resolution < 8 or args.resolution % 8:
-        raise UsageError(f"--resolution: expected a positive multiple of 8, got {args.resolution}")
-    if args.hd_trigger < 1:
-        raise UsageError(f"--hd-trigger: expected a positive number of pixels, got {args.hd_trigger}")
-    if args.hd_margin < 0:
-        raise UsageError(f"--hd-margin: expected a number of pixels >= 0, got {args.hd_margin}")
-    _check_lora_options(args.lora, args.lora_scale, flags=("--lora", "--lora-scale"))
+    if model.lora is not None:
+        _check_lora_file("--lora", model.lora)
     try:
-        device = devices.resolve_device(args.device)
-    except ValueError:
-        raise UsageError(f"--device {args.device}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {args.device}: expected auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA device is available here (PyTorch {torch.__version__})")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {args.device}: MPS is not available here")
-    if args.dtype != "auto":
-        try:
-            devices.check_precision(device, DTYPES[args.dtype], refuse=True, way_out="use --dtype fp32 (or auto)")
-        except ValueError as err:
-            raise UsageError(f"--dtype {args.dtype}: {err}") from None
-    return _choose_device_and_dtype(args, device)
+        return model.resolved()
+    except OptionError as err:
+        raise UsageError(str(err.relabeled(ModelOptions.flag))) from None
 
 
-def _check_lora_options(lora: Path | None, scale: float, *, flags: tuple[str, str]) -> None:
-    """A LoRA file that exists and is one (not yet whether it fits the checkpoint: that needs the UNet), and a finite
-    strength that only applies with it."""
-    if not math.isfinite(scale):
-        raise UsageError(f"{flags[1]}: expected a finite number, got {scale}")
-    if lora is None:
-        if scale != 1.0:
-            raise UsageError(f"{flags[1]} only applies with {flags[0]}")
-        return
+def _check_lora_file(flag: str, lora: Path) -> None:
+    """A LoRA file that exists and is one (not yet whether it fits the checkpoint: that needs the UNet)."""
     try:
         lora_files.check_lora_file(lora)
     except CheckpointError as err:
-        raise CheckpointError(f"{flags[0]} {err}") from None
+        raise CheckpointError(f"{flag} {err}") from None
 
 
-def _check_paint_arguments(args: argparse.Namespace) -> str:
-    """``pbe paint``'s checks: the shared options, then its own (seed, count, outputs); returns which run."""
+def _check_paint_arguments(args: argparse.Namespace) -> None:
+    """``pbe paint``'s own checks (seed, count, outputs), beside the shared options'."""
     if args.num_images < 1:
         raise UsageError(f"--num-images: expected a positive integer, got {args.num_images}")
     if args.seed is not None and not 0 <= args.seed < 2**64:
@@ -198,7 +144,6 @@ def _check_paint_arguments(args: argparse.Namespace) -> str:
             raise UsageError(f"-o {args.output}: would overwrite the input {output} (--{inputs[output.resolve()]}); "
                              "choose another output name")
     _check_writable_folder("-o", args.output.parent, create=False)
-    return _check_paint_options(args)
 
 
 def _check_writable_folder(flag: str, folder: Path, *, create: bool) -> None:
@@ -218,42 +163,24 @@ def _check_writable_folder(flag: str, folder: Path, *, create: bool) -> None:
         raise UsageError(f"{flag}: cannot write in the folder {existing} ({err.strerror or err})") from None
 
 
-def _choose_device_and_dtype(args: argparse.Namespace, device: torch.device) -> str:
-    """Replace ``auto`` by the concrete choice (what runs and what the repeat command names); returns what it is."""
-    choice = f"device {device}{' (auto)' if args.device == 'auto' else ''}"
-    args.device = str(device)
-    if args.dtype == "auto":
-        args.dtype = next(name for name, dtype in DTYPES.items() if dtype == devices.default_dtype(device))
-        return choice + f", dtype {args.dtype} (auto: the fast precision on {device.type})"
-    return choice + f", dtype {args.dtype}"
+def _repeat_command(inputs: Mapping[str, Path], output: Path, *, seed: int, num_images: int, options: PaintOptions,
+                    model: ModelOptions) -> str:
+    """The ``pbe paint`` command line that repeats this run exactly (``model``: with device and dtype settled)."""
+    words = ["pbe", "paint", *(word for flag in INPUT_FLAGS for word in (f"--{flag}", inputs[flag])), "-o", output,
+             "--seed", seed, "--num-images", num_images, *options.flags(), *model.flags()]
+    return shlex.join(str(word) for word in words)
 
 
-def _repeat_command(args: argparse.Namespace, seed: int) -> str:
-    """The ``pbe paint`` command line that repeats this run exactly."""
-    flags = ["pbe", "paint", "--image", args.image, "--mask", args.mask, "--example", args.example, "-o", args.output,
-             "--checkpoint", args.checkpoint, "--steps", args.steps, "--guidance", args.guidance, "--seed", seed,
-             "--scheduler", args.scheduler, "--dtype", args.dtype, "--device", args.device,
-             "--num-images", args.num_images, "--hd-strategy", args.hd_strategy, "--resolution", args.resolution,
-             "--hd-trigger", args.hd_trigger, "--hd-margin", args.hd_margin]
-    if args.keep_unmasked:
-        flags += ["--keep-unmasked", "--mask-blur", args.mask_blur]
-    if args.config is not None:
-        flags += ["--config", args.config]
-    if args.lora is not None:
-        flags += ["--lora", args.lora, "--lora-scale", args.lora_scale]
-    return shlex.join(str(flag) for flag in flags)
-
-
-def _check_sources(args: argparse.Namespace) -> None:
+def _check_sources(model: ModelOptions) -> None:
     """Refuse a ``--checkpoint`` that names a local path and a ``--config`` that are missing (usage errors), before
     loading; what they hold is read by the loader (a bad content is a failed run, exit status 1)."""
-    if looks_like_path(args.checkpoint) and not Path(args.checkpoint).expanduser().exists():
+    if looks_like_path(model.checkpoint) and not Path(model.checkpoint).expanduser().exists():
         try:
-            resolve_checkpoint(args.checkpoint)  # a missing path: refused at once, saying which part is missing
+            resolve_checkpoint(model.checkpoint)  # a missing path: refused at once, saying which part is missing
         except ValueError as err:
             raise UsageError(f"--checkpoint {err}") from None
-    if args.config is not None and not args.config.expanduser().exists():
-        raise UsageError(f"--config {args.config}: no such file or folder")
+    if model.config is not None and not model.config.expanduser().exists():
+        raise UsageError(f"--config {model.config}: no such file or folder")
 
 
 def _load_image(flag: str, path: Path) -> Image:
@@ -269,37 +196,34 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
 
 
-def _pipe_options(args: argparse.Namespace) -> dict[str, object]:
-    """The shared painting options as the pipeline's keyword arguments (steps and guidance aside)."""
-    return {"keep_unmasked": args.keep_unmasked, "mask_blur": args.mask_blur, "hd_strategy": args.hd_strategy,
-            "resolution": args.resolution, "hd_trigger": args.hd_trigger, "hd_margin": args.hd_margin}
-
-
-def _load_pipeline(args: argparse.Namespace) -> PaintByExample:
-    """The pipeline the painting options ask for (``paint`` and ``batch`` alike)."""
-    return PaintByExample.from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device,
-                                          scheduler=args.scheduler, config=args.config, lora=args.lora,
-                                          lora_scale=args.lora_scale)
+def _load_pipeline(options: PaintOptions, model: ModelOptions) -> PaintByExample:
+    """The pipeline the painting options ask for (``paint`` and ``batch`` alike; ``model`` with ``auto`` settled)."""
+    return PaintByExample.from_pretrained(model.checkpoint, dtype=model.torch_dtype, device=model.device,
+                                          scheduler=options.scheduler, config=model.config, lora=model.lora,
+                                          lora_scale=model.lora_scale)
 
 
 def _paint(args: argparse.Namespace) -> int:
-    choice = _check_paint_arguments(args)
+    options, model = _read_options(args)
+    _check_paint_arguments(args)
+    model, choice = _check_run(options, model)
     inputs = {name: _load_image(name, getattr(args, name)) for name in INPUT_FLAGS}
     if inputs["image"].size != inputs["mask"].size:
         raise UsageError(f"--mask is {'x'.join(map(str, inputs['mask'].size))} pixels but --image is "
                          f"{'x'.join(map(str, inputs['image'].size))}; they must be the same size")
     if not images.read_repaint_mask(inputs["mask"]).gt(0.5).any():  # as the pipeline reads it, alpha included
         print(f"warning: {args.mask} has no opaque white pixels: nothing will be repainted", file=sys.stderr)
-    _check_sources(args)
+    _check_sources(model)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     print(choice, file=sys.stderr)
-    print(f"to repeat this run: {_repeat_command(args, seed)}", file=sys.stderr)
+    repeat = _repeat_command({name: getattr(args, name) for name in INPUT_FLAGS}, args.output, seed=seed,
+                             num_images=args.num_images, options=options, model=model)
+    print(f"to repeat this run: {repeat}", file=sys.stderr)
 
-    pipe = _load_pipeline(args)
+    pipe = _load_pipeline(options, model)
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
-    result = pipe(inputs["example"], inputs["image"], inputs["mask"], num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, num_images_per_prompt=args.num_images, generator=generator,
-                  **_pipe_options(args))
+    result = pipe(inputs["example"], inputs["image"], inputs["mask"], options=options,
+                  num_images_per_prompt=args.num_images, generator=generator)
     for image, path in zip(result.images, _output_paths(args.output, args.num_images)):
         save_image(image, path)
         print(f"wrote {path}", file=sys.stderr)
@@ -324,24 +248,18 @@ def _add_batch_parser(commands: argparse._SubParsersAction) -> None:
     batch_.add_argument("--overwrite", action="store_true", help="paint rows whose output already exists again")
     batch_.add_argument("--seed", type=int, default=0,
                         help="row i without a seed field is painted with seed SEED + i (default 0)")
-    _add_paint_options(batch_)
-
-
-def _row_as_paint(args: argparse.Namespace, row: batch.Row, output: Path) -> argparse.Namespace:
-    """The ``pbe paint`` arguments that paint ``row`` alone (its seed aside)."""
-    return argparse.Namespace(**{**vars(args), "image": row.image, "mask": row.mask, "example": row.example,
-                                 "output": output, "num_images": 1})
+    _add_painting_flags(batch_)
 
 
 def _batch(args: argparse.Namespace) -> int:
     ranks = devices.ranks_from_environment()
-    args.device = devices.rank_device(args.device, ranks.local_rank)
     # Everything that can be refused is refused before the model loads, on every rank alike.
+    options, model = _read_options(args, device=devices.rank_device(args.device, ranks.local_rank))
     try:
         rows = batch.read_manifest(args.manifest)
     except OSError as err:  # a manifest that is missing or cannot be read: the argument names a bad input
         raise UsageError(str(err)) from None
-    choice = _check_paint_options(args)
+    model, choice = _check_run(options, model)
     _check_writable_folder("--output-dir", args.output_dir, create=True)
     batch.check_seeds(rows, args.seed)
     batch.check_outputs_are_not_inputs(rows, args.output_dir)
@@ -359,13 +277,12 @@ def _batch(args: argparse.Namespace) -> int:
             _say(f"{who}{outcome.row.name} {outcome.status}" + (f": {outcome.error}" if outcome.error else ""))
 
     if pending:
-        _check_sources(args)
+        _check_sources(model)
     batch.join_ranks(ranks)
     if pending:
-        pipe = _load_pipeline(args)
-        outcomes = batch.paint_manifest(pipe, rows, args.output_dir, seed=args.seed, num_inference_steps=args.steps,
-                                        guidance_scale=args.guidance, overwrite=args.overwrite, ranks=ranks,
-                                        on_outcome=report, **_pipe_options(args))
+        pipe = _load_pipeline(options, model)
+        outcomes = batch.paint_manifest(pipe, rows, args.output_dir, options=options, seed=args.seed,
+                                        overwrite=args.overwrite, ranks=ranks, on_outcome=report)
     else:
         outcomes = [batch.RowOutcome(row, "skipped", batch.row_seed(row, args.seed), args.output_dir / row.output)
                     for row in mine]
@@ -381,9 +298,11 @@ def _batch(args: argparse.Namespace) -> int:
     example = failed[0] if failed else outcomes[0] if outcomes and ranks.rank == 0 else None
     if example is not None:
         # On the CPU the thread count changes float rounding (reduction order): repeat with this process's count.
-        threads = f"OMP_NUM_THREADS={torch.get_num_threads()} " if torch.device(args.device).type == "cpu" else ""
-        _say(f"to repeat {example.row.name} alone: {threads}"
-             f"{_repeat_command(_row_as_paint(args, example.row, example.output), example.seed)}\n"
+        threads = f"OMP_NUM_THREADS={torch.get_num_threads()} " if torch.device(model.device).type == "cpu" else ""
+        row = example.row
+        repeat = _repeat_command({"image": row.image, "mask": row.mask, "example": row.example}, example.output,
+                                 seed=example.seed, num_images=1, options=options, model=model)
+        _say(f"to repeat {row.name} alone: {threads}{repeat}\n"
              f"(row i is painted with its seed field, else with --seed + i = {args.seed} + i)")
     return 1 if totals["failed"] else 0
 
@@ -421,7 +340,9 @@ def _merge_lora(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {out}: expected a file name ending in .safetensors")
     if out.is_dir():
         raise UsageError(f"-o {out}: is a folder; give a file name such as {out / 'merged.safetensors'}")
-    _check_lora_options(args.lora, args.scale, flags=("LORA", "--scale"))
+    if not math.isfinite(args.scale):
+        raise UsageError(f"--scale: expected a finite number, got {args.scale}")
+    _check_lora_file("LORA", args.lora)
     checkpoint = resolve_checkpoint(args.checkpoint)
     for name, path in (("CHECKPOINT", checkpoint), ("LORA", args.lora)):
         if out.exists() and out.resolve() == path.resolve():

@@ -244,19 +244,27 @@ class PaintOptions(_Options):
                                             f"{self.steps} steps (beyond it a step's noise outweighs its whole noise "
                                             f"budget: the square root of a negative number, NaN), got {self.eta!r}")
 
+    @classmethod
+    def keyword(cls, name: str) -> str:
+        """The ``PaintByExample.__call__`` keyword of the field ``name`` (``num_inference_steps`` for ``steps``)."""
+        return cls.__dataclass_fields__[name].metadata["keyword"] or name
+
     def pipeline_keywords(self) -> dict[str, Any]:
         """The options as keywords of ``PaintByExample.__call__`` (``num_inference_steps=``, ...)."""
-        return {spec.metadata["keyword"] or spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self)}
+        return {self.keyword(spec.name): getattr(self, spec.name) for spec in dataclasses.fields(self)}
 
     @classmethod
     def from_pipeline_keywords(cls, **keywords: Any) -> PaintOptions:
         """The options from ``PaintByExample.__call__``'s keywords; an OptionError names the keyword."""
-        names = {spec.metadata["keyword"] or spec.name: spec.name for spec in dataclasses.fields(cls)}
-        keyword_of = {name: key for key, name in names.items()}
+        names = {cls.keyword(spec.name): spec.name for spec in dataclasses.fields(cls)}
+        unknown = sorted(keywords.keys() - names.keys())
+        if unknown:
+            raise TypeError(f"from_pipeline_keywords: unknown keywords {', '.join(unknown)}; expected some of "
+                            f"{', '.join(names)}")
         try:
             return cls(**{names[key]: value for key, value in keywords.items()})
         except OptionError as err:
-            raise err.relabeled(keyword_of.__getitem__) from None
+            raise err.relabeled(cls.keyword) from None
 
 
 # ---- what is loaded --------------------------------------------------------------------------------------------------

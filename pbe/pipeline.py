@@ -36,9 +36,13 @@ from .memory import reuse_freed_memory
 from .model import AutoencoderKL, ImageEncoder, PaintByExampleConfig, UNet
 from .model.lora import lora_layers, merge_lora, remove_lora, set_lora_scale
 from .model.noise import Generators, randn
-from .schedulers import Run, Scheduler, make_scheduler
+from .options import PaintOptions
+from .schedulers import SCHEDULERS, Run, Scheduler, make_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# The painting keywords of __call__ and their defaults: those of PaintOptions (the signature shows the same values,
+# as diffusers' does; tests/test_options.py holds them equal).
+_KEYWORD_DEFAULTS = PaintOptions().pipeline_keywords()
 Device = str | torch.device
 Callback = Callable[[int, int, torch.Tensor], None]
 
@@ -248,6 +252,7 @@ class PaintByExample:
         resolution: int = 512,
         hd_trigger: int = 800,
         hd_margin: int = 128,
+        options: PaintOptions | None = None,
         **unsupported: Any,
     ) -> PaintByExampleOutput:
         """Paint the white part of ``mask_image`` in ``image`` with the content of ``example_image``.
@@ -255,8 +260,14 @@ class PaintByExample:
         Inputs are PIL images (or lists of them), numpy arrays or tensors, with diffusers' meaning: a tensor image is
         in [-1, 1], a tensor mask in [0, 1] with 1 = repaint, a tensor example is already CLIP-normalised. One example
         may serve a whole batch. ``keep_unmasked`` pastes the input back outside the mask (softened by ``mask_blur``
-        pixels: refused without it, as ``pbe paint`` refuses it). ``eta`` (DDIM's noise, ignored by the other samplers)
-        must be finite, >= 0, and at most DDIM's ``run.max_eta`` for the step count (diffusers gives NaN beyond).
+        pixels: refused without it, as ``pbe paint`` refuses it). ``eta``: DDIM's noise, ignored by the other samplers.
+
+        The painting options (steps, guidance, eta, scheduler by name, paste-back, large pictures) are
+        ``pbe.options.PaintOptions``, checked there (an ``OptionError``, a ValueError, names the keyword): pass them as
+        diffusers' keywords, or all at once as ``options`` (then give none of those keywords; the sampler is built by
+        name from this pipeline's scheduler config). ``scheduler`` may also be a Scheduler object (None: the
+        pipeline's own); either way the step count and DDIM's largest ``eta`` are checked against the sampler that runs
+        (``PaintOptions.check_run``).
         Sides that are not multiples of 8 are padded and cropped back. ``generator`` may be one generator or, as in
         diffusers, a list of one per image painted (images x ``num_images_per_prompt``): image i's noise then
         comes from generator i (the masked image's latent sample of image i < len(image) too, as diffusers draws it).
@@ -272,43 +283,40 @@ class PaintByExample:
 
         Raises:
             ValueError: an argument out of range (named) or a bad input.
+            TypeError: ``options`` together with a painting keyword given another value (both named), or a keyword
+                Paint by Example does not take.
             RuntimeError: NaN or inf in the latents, raised at the step where it appears (the message says where to
                 look: the weights, the guidance scale, the precision).
         """
-        self._check_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, output_type, callback_steps,
-                              keep_unmasked, mask_blur, unsupported, eta=eta)
-        _check_hd_arguments(hd_strategy, resolution, hd_trigger, hd_margin)
-        if isinstance(scheduler, str):
-            scheduler = make_scheduler(scheduler, self.scheduler_config)
-        sched = scheduler or self.scheduler
-        sched.check_steps(num_inference_steps)  # the counts this sampler and config can run, before any work
-        max_eta = sched.start(num_inference_steps).max_eta
-        if eta > max_eta:
-            raise ValueError(f"eta: expected at most {max_eta:.4f} for {sched.diffusers_name} with "
-                             f"{num_inference_steps} steps (beyond it a step's noise outweighs its whole noise "
-                             f"budget: the square root of a negative number, NaN), got {eta!r}")
-        n, guided = num_images_per_prompt, guidance_scale > 1.0
-        denoise = dict(guidance_scale=guidance_scale, eta=eta, generator=generator, callback=callback,
+        keywords = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                        keep_unmasked=keep_unmasked, mask_blur=mask_blur, hd_strategy=hd_strategy,
+                        resolution=resolution, hd_trigger=hd_trigger, hd_margin=hd_margin)
+        self._check_arguments(num_images_per_prompt, output_type, callback_steps, unsupported)
+        options, sched = self._options(options, scheduler, keywords)
+        if options.keep_unmasked and output_type == "latent":
+            raise ValueError("keep_unmasked: pasting pixels back needs decoded images, not output_type='latent'")
+        n, guided = num_images_per_prompt, options.guidance > 1.0
+        denoise = dict(guidance_scale=options.guidance, eta=options.eta, generator=generator, callback=callback,
                        callback_steps=callback_steps, progress=progress)
 
         inputs = self._prepare_inputs(image, mask_image)
         _check_generator(generator, inputs.batch, n)
         size = inputs.original_size
         keep_mask = imageio.crop(inputs.keep_mask, size)
-        items = regions.plan(size, 1 - keep_mask, strategy=hd_strategy, resolution=resolution, trigger=hd_trigger,
-                             margin=hd_margin)
+        items = regions.plan(size, 1 - keep_mask, strategy=options.hd_strategy, resolution=options.resolution,
+                             trigger=options.hd_trigger, margin=options.hd_margin)
         as_is = regions.is_as_is(items, size)
         if not as_is and (output_type == "latent" or latents is not None):
             what = "output_type='latent'" if output_type == "latent" else "latents"
-            raise ValueError(f"{what}: a {size[0]}x{size[1]} picture with hd_strategy={hd_strategy!r} is painted in "
-                             f"{resolution}-pixel pieces, with no latent of the whole picture; pass "
-                             f"hd_strategy='original' (or hd_trigger >= {max(size)}) to paint it whole")
+            raise ValueError(f"{what}: a {size[0]}x{size[1]} picture with hd_strategy={options.hd_strategy!r} is "
+                             f"painted in {options.resolution}-pixel pieces, with no latent of the whole picture; "
+                             f"pass hd_strategy='original' (or hd_trigger >= {max(size)}) to paint it whole")
         context = self._encode_examples(example_image, inputs.batch, n, guided=guided)
         if as_is:
-            latents = self._paint(inputs, n, sched.start(num_inference_steps), context, latents=latents, **denoise)
+            latents = self._paint(inputs, n, sched.start(options.steps), context, latents=latents, **denoise)
             if output_type == "latent":
                 return PaintByExampleOutput(latents)
-            result = self._decode(latents, inputs, n, keep_unmasked=keep_unmasked, mask_blur=mask_blur)
+            result = self._decode(latents, inputs, n, keep_unmasked=options.keep_unmasked, mask_blur=options.mask_blur)
             return _convert(imageio.crop(result, size), output_type)
 
         # Each item: its crop of the picture and mask at its working size, painted like a small picture on its own.
@@ -318,9 +326,9 @@ class PaintByExample:
         for item in items:
             crop = PreparedInputs(regions.crop_image(pixels, item),
                                   regions.crop_keep_mask(keep_mask, item), item.size)
-            painted_latents = self._paint(crop, n, sched.start(num_inference_steps), context, latents=None, **denoise)
+            painted_latents = self._paint(crop, n, sched.start(options.steps), context, latents=None, **denoise)
             painted = self._decode(painted_latents, crop, n, keep_unmasked=False, mask_blur=0.0)
-            regions.paste(result, painted, full_keep_mask, item, blur_radius=mask_blur)
+            regions.paste(result, painted, full_keep_mask, item, blur_radius=options.mask_blur)
         return _convert(result, output_type)
 
     def _paint(self, inputs: PreparedInputs, n: int, run: Run, context: torch.Tensor, *,
@@ -332,38 +340,48 @@ class PaintByExample:
         return self._denoise(run, latents, masked_latents=masked_latents, latent_mask=latent_mask, context=context,
                              **denoise)
 
+    def _options(self, options: PaintOptions | None, scheduler: Scheduler | str | None,
+                 keywords: dict[str, Any]) -> tuple[PaintOptions, Scheduler]:
+        """Stage 1: the painting options (from ``options`` or the keywords) and the sampler that runs them, checked
+        together before any work; errors name what the caller gave (``num_inference_steps``, or ``steps`` of an
+        options object)."""
+        if scheduler is not None and not isinstance(scheduler, (str, Scheduler)):
+            raise TypeError(f"scheduler: expected a name ({', '.join(SCHEDULERS)}), a Scheduler or None, got "
+                            f"{type(scheduler).__name__}")
+        if options is not None:
+            if not isinstance(options, PaintOptions):
+                raise TypeError(f"options: expected a pbe.PaintOptions, got {type(options).__name__}")
+            given = {key: value for key, value in keywords.items() if value != _KEYWORD_DEFAULTS[key]}
+            given |= {"scheduler": scheduler} if scheduler is not None else {}
+            if given:
+                key, value = next(iter(given.items()))
+                raise TypeError(f"options and {key}={value!r}: give the painting options either as an options "
+                                f"object or as keywords, not both")
+            sched = options.make_scheduler(self.scheduler_config)
+            options.check_run(sched)
+            return options, sched
+        named = {"scheduler": scheduler} if isinstance(scheduler, str) else {}
+        options = PaintOptions.from_pipeline_keywords(**keywords, **named)
+        sched = (options.make_scheduler(self.scheduler_config) if named else scheduler) or self.scheduler
+        options.check_run(sched, label=PaintOptions.keyword)
+        return options, sched
+
     @staticmethod
-    def _check_arguments(steps: int, guidance: float, n: int, output_type: str, callback_steps: int,
-                         keep_unmasked: bool, mask_blur: float, unsupported: dict[str, Any], *, eta: float) -> None:
-        """Stage 1: refuse bad arguments before any work, each error naming its argument."""
+    def _check_arguments(n: int, output_type: str, callback_steps: int, unsupported: dict[str, Any]) -> None:
+        """Stage 1: refuse bad arguments that are not painting options before any work, each error naming its
+        argument."""
         refused = sorted(unsupported.keys() & REFUSED_ARGUMENTS.keys())
         if refused:
             raise TypeError(f"{refused[0]}: {REFUSED_ARGUMENTS[refused[0]]}")
         if unsupported:
             raise TypeError(f"PaintByExample.__call__() got unexpected keyword arguments: "
                             f"{', '.join(sorted(unsupported))}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps: expected a positive integer, got {steps!r}")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"num_images_per_prompt: expected a positive integer, got {n!r}")
-        if not np.isfinite(guidance):
-            raise ValueError(f"guidance_scale: expected a finite number, got {guidance!r}")
-        if not np.isfinite(eta) or eta < 0:
-            # DDIM's sigma_t = eta * sqrt(...) is a standard deviation: a negative eta would drop the step's noise yet
-            # still shrink its direction term (diffusers computes that without a word).
-            raise ValueError(f"eta: expected a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if not isinstance(callback_steps, int) or callback_steps < 1:
             raise ValueError(f"callback_steps: expected a positive integer, got {callback_steps!r}")
-        if keep_unmasked and output_type == "latent":
-            raise ValueError("keep_unmasked: pasting pixels back needs decoded images, not output_type='latent'")
-        if not np.isfinite(mask_blur) or mask_blur < 0:
-            raise ValueError(f"mask_blur: expected a radius >= 0, got {mask_blur!r}")
-        if mask_blur > 0 and not keep_unmasked:
-            # As `pbe paint`, which refuses --mask-blur without --keep-unmasked: the blur feathers that paste-back.
-            raise ValueError(f"mask_blur: applies only with keep_unmasked=True (it feathers the paste-back of the "
-                             f"input), got mask_blur={mask_blur!r} with keep_unmasked={keep_unmasked!r}")
 
     @staticmethod
     def _prepare_inputs(image: Any, mask_image: Any) -> PreparedInputs:
@@ -505,15 +523,3 @@ def _check_generator(generator: Generators, batch: int, n: int) -> None:
     if isinstance(generator, (list, tuple)) and len(generator) != batch * n:
         raise ValueError(f"generator: expected a list of {batch * n} generators, one per image painted ({batch} "
                          f"image(s) x num_images_per_prompt {n}), got {len(generator)}")
-
-
-def _check_hd_arguments(strategy: str, resolution: int, trigger: int, margin: int) -> None:
-    """Refuse bad large-picture arguments before any work, each error naming its argument."""
-    if strategy not in regions.STRATEGIES:
-        raise ValueError(f"hd_strategy: expected one of {', '.join(regions.STRATEGIES)}, got {strategy!r}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8 or resolution % 8:
-        raise ValueError(f"resolution: expected a positive multiple of 8 (pixels), got {resolution!r}")
-    if isinstance(trigger, bool) or not isinstance(trigger, int) or trigger < 1:
-        raise ValueError(f"hd_trigger: expected a positive integer (pixels), got {trigger!r}")
-    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
-        raise ValueError(f"hd_margin: expected an integer >= 0 (pixels), got {margin!r}")

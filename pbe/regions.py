@@ -265,10 +265,9 @@ def crop_boxes(repaint_mask: torch.Tensor | np.ndarray, *, margin: int = 128) ->
 
     Regions closer than ``2 * margin`` pixels (Chebyshev distance) always end merged, so they are grouped first by
     labelling the mask dilated by ``margin - 1``: the result is the same, and a speckled mask with thousands of
-    regions does not make thousands of boxes to merge pairwise.
+    regions does not make thousands of boxes to merge pairwise. ``margin``: an int >= 0, as ``PaintOptions.hd_margin``
+    checks it (not checked again here).
     """
-    if not isinstance(margin, int) or margin < 0:
-        raise ValueError(f"`margin` must be an int >= 0, got {margin!r}")
     mask = _as_bool_mask(repaint_mask)
     height, width = mask.shape
     # Dilating inside the mask's bounding box only groups the same regions: two regions' dilated squares meet
@@ -299,9 +298,10 @@ def crop_boxes(repaint_mask: torch.Tensor | np.ndarray, *, margin: int = 128) ->
 
 
 def working_size(height: int, width: int, resolution: int = 512) -> tuple[int, int]:
-    """(height, width) scaled so the longer side is ``resolution``, each side rounded to a multiple of 8 (>= 8)."""
-    if not isinstance(resolution, int) or resolution < 8 or resolution % 8:
-        raise ValueError(f"`resolution` must be a positive multiple of 8, got {resolution!r}")
+    """(height, width) scaled so the longer side is ``resolution``, each side rounded to a multiple of 8 (>= 8).
+
+    ``resolution``: a positive multiple of 8, as ``PaintOptions.resolution`` checks it (not checked again here).
+    """
     if height < 1 or width < 1:
         raise ValueError(f"the size to scale must be positive, got (height, width) = ({height}, {width})")
     scale = resolution / max(height, width)
@@ -327,14 +327,11 @@ def plan(
     With "resize" and "crop", a mask with nothing to repaint gives no items: the output is the input.
     ``repaint_mask``: (H, W), (N, H, W) or (N, 1, H, W), bool or in [0, 1] with > 0.5 = repaint; N masks of a batch
     are united, so one plan serves every image of the batch.
+
+    ``strategy``, ``resolution``, ``trigger`` and ``margin`` are the values ``pbe.options.PaintOptions`` checks
+    (``hd_strategy``, ``resolution``, ``hd_trigger``, ``hd_margin``): one of STRATEGIES, a positive multiple of 8, a
+    positive int, an int >= 0. They are not checked again here; build them through PaintOptions.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"`strategy` must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
-    if not isinstance(trigger, int) or trigger < 1:
-        raise ValueError(f"`trigger` must be a positive int (pixels), got {trigger!r}")
-    if not isinstance(margin, int) or margin < 0:
-        raise ValueError(f"`margin` must be an int >= 0 (pixels), got {margin!r}")
-    working_size(8, 8, resolution)  # validates resolution in every strategy
     height, width = image_size
     if tuple(repaint_mask.shape[-2:]) != (height, width):
         raise ValueError(f"`repaint_mask` must be {height}x{width} (H x W) like the picture, "

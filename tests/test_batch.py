@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import pbe.batch
-from pbe import PaintByExample
+from pbe import PaintByExample, PaintOptions
 from pbe.batch import ManifestError, Ranks, Row
 from pbe.cli import main
 
@@ -295,7 +295,7 @@ def test_a_killed_run_loses_only_the_row_in_flight_and_continues(tmp_path, hub, 
     """From Python: ``paint_manifest`` returns one outcome per row; an interruption mid-run leaves whole files only."""
     pipe = PaintByExample.from_pretrained(hub)
     rows = pbe.batch.parse_rows(GOOD, base_dir=data)
-    settings = {"seed": 4, "num_inference_steps": 2, "progress": False}
+    settings = {"seed": 4, "options": PaintOptions(steps=2), "progress": False}
     whole = pbe.batch.paint_manifest(pipe, rows, tmp_path / "whole", **settings)
     assert [(o.row.index, o.status, o.seed, o.output) for o in whole] == [
         (i, "painted", 99 if i == 1 else 4 + i, tmp_path / "whole" / r.output) for i, r in enumerate(rows)]
@@ -328,8 +328,8 @@ def test_a_row_failing_inside_the_pipeline_is_reported_and_the_run_goes_on(tmp_p
 
     seen = []
     rows = pbe.batch.parse_rows(GOOD[:3], base_dir=data)
-    outcomes = pbe.batch.paint_manifest(out_of_memory_on_row_one, rows, tmp_path, num_inference_steps=2, progress=False,
-                                        on_outcome=seen.append)
+    outcomes = pbe.batch.paint_manifest(out_of_memory_on_row_one, rows, tmp_path, options=PaintOptions(steps=2),
+                                        progress=False, on_outcome=seen.append)
     assert [o.status for o in outcomes] == ["painted", "failed", "painted"] and seen == outcomes
     assert outcomes[1].error == "OutOfMemoryError: CPU out of memory. Tried to allocate 2 GiB"
     assert pbe.batch.count(outcomes) == {"painted": 2, "skipped": 0, "failed": 1}
