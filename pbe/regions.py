@@ -255,7 +255,7 @@ def _shift_inside(box: Box, height: int, width: int) -> Box:
     return Box(top, left, bottom, right)
 
 
-def crop_boxes(repaint_mask: torch.Tensor | np.ndarray, *, margin: int = 128) -> list[Box]:
+def crop_boxes(repaint_mask: torch.Tensor | np.ndarray, *, margin: int) -> list[Box]:
     """The boxes the crop strategy paints, pairwise disjoint, every repaint pixel in exactly one of them.
 
     Each connected region's box is grown by ``margin`` pixels on every side; boxes that overlap once grown are merged
@@ -297,7 +297,7 @@ def crop_boxes(repaint_mask: torch.Tensor | np.ndarray, *, margin: int = 128) ->
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def working_size(height: int, width: int, resolution: int = 512) -> tuple[int, int]:
+def working_size(height: int, width: int, resolution: int) -> tuple[int, int]:
     """(height, width) scaled so the longer side is ``resolution``, each side rounded to a multiple of 8 (>= 8).
 
     ``resolution``: a positive multiple of 8, as ``PaintOptions.resolution`` checks it (not checked again here).
@@ -312,10 +312,10 @@ def plan(
     image_size: tuple[int, int],
     repaint_mask: torch.Tensor | np.ndarray,
     *,
-    strategy: str = "crop",
-    resolution: int = 512,
-    trigger: int = 800,
-    margin: int = 128,
+    strategy: str,
+    resolution: int,
+    trigger: int,
+    margin: int,
 ) -> list[WorkItem]:
     """The model runs that paint a picture of ``image_size`` = (H, W) with this mask, in the given strategy.
 
@@ -330,7 +330,8 @@ def plan(
 
     ``strategy``, ``resolution``, ``trigger`` and ``margin`` are the values ``pbe.options.PaintOptions`` checks
     (``hd_strategy``, ``resolution``, ``hd_trigger``, ``hd_margin``): one of STRATEGIES, a positive multiple of 8, a
-    positive int, an int >= 0. They are not checked again here; build them through PaintOptions.
+    positive int, an int >= 0. They are not checked again here, and have no defaults here: the defaults are
+    PaintOptions' too.
     """
     height, width = image_size
     if tuple(repaint_mask.shape[-2:]) != (height, width):

@@ -377,3 +377,21 @@ def test_the_guard_catches_what_it_looks_for() -> None:
     assert _problems('raise UsageError("--mask-blur only applies with --keep-unmasked")')
     assert not _problems('parser.add_argument("--num-images", type=int)')
     assert not _problems('raise ValueError(f"num_images_per_prompt: expected a positive integer, got {n!r}")')
+
+
+# ---- training's validation paintings -------------------------------------------------------------------------------
+
+
+def test_training_refuses_validation_options_at_config_time_not_at_the_first_grid() -> None:
+    """The validation pipeline runs the official sampler: a step count it cannot run is refused when the config is
+    built, hours before the first validation grid would have failed."""
+    from pbe.train.config import TrainConfig
+
+    assert TrainConfig(validation_steps=7, validation_guidance=3).validation_options == PaintOptions(steps=7,
+                                                                                                     guidance=3.0)
+    with pytest.raises(ValueError, match=r"^validation_steps: expected an integer from 1 to 999 for PNDMScheduler\("):
+        TrainConfig(validation_steps=1000)
+    with pytest.raises(ValueError, match="^validation_steps: expected a positive integer, got 0$"):
+        TrainConfig(validation_steps=0)
+    with pytest.raises(ValueError, match="^validation_guidance: expected a finite number, got nan$"):
+        TrainConfig(validation_guidance=math.nan)

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pbe import regions
+from pbe.options import PaintOptions
 from pbe.regions import (
     Box,
     WorkItem,
@@ -22,11 +24,22 @@ from pbe.regions import (
     is_as_is,
     mask_regions,
     paste,
-    plan,
     resize_image,
     resize_keep_mask,
-    working_size,
 )
+
+DEFAULTS = PaintOptions()  # pbe.regions has no defaults of its own: 512-pixel working size, 800 trigger, 128 margin
+
+
+def plan(image_size: tuple[int, int], repaint_mask, **changes) -> list[WorkItem]:
+    """``regions.plan`` with PaintOptions' defaults for what is not given."""
+    values = {"strategy": DEFAULTS.hd_strategy, "resolution": DEFAULTS.resolution, "trigger": DEFAULTS.hd_trigger,
+              "margin": DEFAULTS.hd_margin}
+    return regions.plan(image_size, repaint_mask, **(values | changes))
+
+
+def working_size(height: int, width: int, resolution: int = DEFAULTS.resolution) -> tuple[int, int]:
+    return regions.working_size(height, width, resolution)
 
 
 def blob_mask(height: int, width: int, *boxes: tuple[int, int, int, int]) -> np.ndarray:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..options import OptionError, PaintOptions
 from .data import DataConfig
 
 PRECISIONS = ("fp32", "bf16")
@@ -81,7 +82,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)  # sample construction (pbe.train.data)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accumulation", "epochs", "log_every", "checkpoint_every", "validation_steps"):
+        for name in ("batch_size", "grad_accumulation", "epochs", "log_every", "checkpoint_every"):
             _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
         for name in ("warmup_steps", "validate_every", "validation_samples", "workers"):
             _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
@@ -102,7 +103,11 @@ class TrainConfig:
         _check("precision", self.precision, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
         _check("init", self.init, lambda v: v in INITS, f"one of {', '.join(INITS)}")
         _check("strategy", self.strategy, lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
-        _check("validation_guidance", self.validation_guidance, math.isfinite, "a finite number")
+        try:  # the painting options' checks, the sampler's step limit included: refused now, not at the first grid
+            options = self.validation_options
+            options.check_run(options.make_scheduler())
+        except OptionError as err:
+            raise ValueError(str(err.relabeled(lambda name: f"validation_{name}"))) from None
         if self.init == "stable-diffusion" and (self.sd_checkpoint is None or self.clip_checkpoint is None):
             raise ValueError("init: 'stable-diffusion' needs sd_checkpoint and clip_checkpoint "
                              f"(got {self.sd_checkpoint!r} and {self.clip_checkpoint!r})")
@@ -111,6 +116,12 @@ class TrainConfig:
         if self.strategy == "fsdp" and self.lora_rank is not None:
             raise ValueError("strategy: 'fsdp' shards the whole UNet for full fine-tuning; a LoRA trains too few "
                              "weights to need it: use 'ddp' (or 'auto') with lora_rank")
+
+    @property
+    def validation_options(self) -> PaintOptions:
+        """How the validation grids are painted: the official sampler (PNDM, official config), ``validation_steps``
+        steps, guidance ``validation_guidance``."""
+        return PaintOptions(steps=self.validation_steps, guidance=self.validation_guidance)
 
     @property
     def lora_effective_alpha(self) -> float | None:

@@ -378,9 +378,8 @@ def _validate(wrapped: nn.Module, networks: PaintByExampleNetworks, rows: dict[s
         pipe = PaintByExample(networks.unet, networks.vae, networks.image_encoder)
         device = next(networks.unet.parameters()).device
         image, keep_mask = rows["image"].to(device), rows["keep_mask"].to(device)
-        painted = pipe(rows["reference"].to(device), image, 1 - keep_mask, num_inference_steps=config.validation_steps,
-                       guidance_scale=config.validation_guidance, generator=torch.Generator().manual_seed(config.seed),
-                       output_type="pt", progress=False).images
+        painted = pipe(rows["reference"].to(device), image, 1 - keep_mask, options=config.validation_options,
+                       generator=torch.Generator().manual_seed(config.seed), output_type="pt", progress=False).images
     finally:
         if hasattr(wrapped, "reshard"):
             wrapped.reshard()
