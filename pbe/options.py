@@ -206,6 +206,8 @@ class PaintOptions(_Options):
                         keyword="num_inference_steps", minimum=1)
     guidance: float = option(5.0, _number(), "classifier-free guidance scale; 1 or less turns guidance off",
                              keyword="guidance_scale")
+    # DDIM's sigma_t = eta * sqrt(...) is a standard deviation: a negative eta would drop the step's noise yet still
+    # shrink its direction term (diffusers computes that without a word).
     eta: float = option(0.0, _number(minimum=0, what="a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like)"),
                         "DDIM's noise per step (the other samplers ignore it)", minimum=0)
     keep_unmasked: bool = option(False, _flag, "paste the input back outside the mask (the model alone shifts its "
@@ -247,7 +249,7 @@ class PaintOptions(_Options):
     @classmethod
     def keyword(cls, name: str) -> str:
         """The ``PaintByExample.__call__`` keyword of the field ``name`` (``num_inference_steps`` for ``steps``)."""
-        return cls.__dataclass_fields__[name].metadata["keyword"] or name
+        return next(spec for spec in dataclasses.fields(cls) if spec.name == name).metadata["keyword"] or name
 
     def pipeline_keywords(self) -> dict[str, Any]:
         """The options as keywords of ``PaintByExample.__call__`` (``num_inference_steps=``, ...)."""
