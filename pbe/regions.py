@@ -343,8 +343,10 @@ def plan(
         return [WorkItem(whole, (height, width))]
     if strategy == "resize":
         return [WorkItem(whole, working_size(height, width, resolution))] if _as_bool_mask(repaint_mask).any() else []
-    return [WorkItem(box, working_size(box.height, box.width, resolution))
-            for box in crop_boxes(repaint_mask, margin=margin)]
+    if strategy == "crop":
+        return [WorkItem(box, working_size(box.height, box.width, resolution))
+                for box in crop_boxes(repaint_mask, margin=margin)]
+    raise AssertionError(f"plan: unknown strategy {strategy!r}: check the values with pbe.options.PaintOptions")
 
 
 def is_as_is(items: list[WorkItem], image_size: tuple[int, int]) -> bool:
