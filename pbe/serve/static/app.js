@@ -62,7 +62,8 @@ async function loadHealth() {
     const model = health.model || {};
     const queue = health.queue || {};
     const busy = queue.busy ? `painting, ${queue.waiting} waiting` : "idle";
-    $("health").textContent = `${model.checkpoint} · ${model.device} · ${model.dtype} · ${busy} · pbe ${health.version}`;
+    const parts = [model.checkpoint, model.device, model.dtype, busy, `pbe ${health.version}`];
+    $("health").textContent = parts.filter((part) => part !== null && part !== undefined).join(" · ");
     $("health").className = "health ok";
   } catch (err) {
     $("health").textContent = `server unreachable: ${err.message}`;
@@ -184,6 +185,7 @@ async function setPicture(file) {
   state.ops = [];
   redrawMask();
   $("picture-empty").hidden = true;
+  $("picture-drop").classList.add("loaded");
   $("canvas-box").hidden = false;
   $("picture-note").textContent = `${file.name || "pasted"} · ${bitmap.width}×${bitmap.height}`;
   state.pasteTarget = null;  // the next paste goes to the example while it is empty
