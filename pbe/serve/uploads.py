@@ -20,6 +20,7 @@ from .. import images
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # PIL's names; GIF: its first frame
 PICTURE_FIELDS = ("image", "mask", "example")
+_CLOSE = {"Connection": "close"}  # a refused body is not drained: the connection closes instead
 
 
 class Refused(Exception):
@@ -34,7 +35,8 @@ def check_declared_size(headers: Headers, limit: int) -> None:
     """413 at once when the Content-Length announces more than ``limit`` bytes (nothing read yet)."""
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Refused(413, f"upload too large: {int(declared)} bytes, the limit is {limit} bytes (max_upload_bytes)")
+        raise Refused(413, f"upload too large: {int(declared)} bytes, the limit is {limit} bytes (max_upload_bytes)",
+                      headers=_CLOSE)
 
 
 async def _counted(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
@@ -44,7 +46,7 @@ async def _counted(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
     async for chunk in stream:
         received += len(chunk)
         if received > limit:
-            raise Refused(413, f"upload too large: more than {limit} bytes (max_upload_bytes)")
+            raise Refused(413, f"upload too large: more than {limit} bytes (max_upload_bytes)", headers=_CLOSE)
         yield chunk
 
 
