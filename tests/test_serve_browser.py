@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import pytest
+from serving import running
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -72,12 +71,6 @@ class RecordingPipe:
         return result
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def chromium() -> Path:
     if not CHROMIUM.is_file():
@@ -93,33 +86,20 @@ def recording(hub: Path, one_thread: None) -> RecordingPipe:
     return RecordingPipe(PaintByExample.from_pretrained(hub))
 
 
-def _serve(app: Any) -> Iterator[str]:
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def server(recording: RecordingPipe) -> Iterator[str]:
     from pbe.serve import create_app
 
-    yield from _serve(create_app(recording))
+    with running(create_app(recording)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def token_server(recording: RecordingPipe) -> Iterator[str]:
     from pbe.serve import create_app
 
-    yield from _serve(create_app(recording, token=TOKEN))
+    with running(create_app(recording, token=TOKEN)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
