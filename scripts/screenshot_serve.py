@@ -115,7 +115,7 @@ def _brush_ellipse(page) -> None:  # noqa: ANN001 (a Playwright page)
 
 
 def _small_png(png: bytes, limit: int) -> bytes:
-    """The screenshot as a palette PNG (the page's flat colours survive 256 colours), fewer colours if over ``limit``."""
+    """The screenshot as a palette PNG (the page's flat colours survive 256 colours); fewer if over ``limit``."""
     image = PIL.Image.open(io.BytesIO(png)).convert("RGB")
     for colours in (256, 128, 64):
         out = io.BytesIO()

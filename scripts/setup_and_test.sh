@@ -12,7 +12,7 @@ PYTHON=${PYTHON:-python3}
 # The browser test (tests/test_serve_browser.py) drives Debian's chromium through Playwright, which cannot download
 # its own browsers offline; it fails, never skips, without one.
 if [ ! -x /usr/bin/chromium ]; then
-    echo "setup: /usr/bin/chromium is missing (tests/test_serve_browser.py drives it): installing Debian's chromium" >&2
+    echo "setup: /usr/bin/chromium is missing (tests/test_serve_browser.py drives it): installing it" >&2
     if [ "$(id -u)" -eq 0 ]; then
         SUDO=()
     elif command -v sudo >/dev/null 2>&1; then
@@ -21,8 +21,8 @@ if [ ! -x /usr/bin/chromium ]; then
         echo "setup: cannot install chromium: not root and no sudo; as root run: apt-get install -y chromium" >&2
         exit 1
     fi
-    if ! command -v apt-get >/dev/null 2>&1 || ! ${SUDO[@]+"${SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get update -q ||
-            ! ${SUDO[@]+"${SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium ||
+    APT=(${SUDO[@]+"${SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get -q)
+    if ! command -v apt-get >/dev/null 2>&1 || ! "${APT[@]}" update || ! "${APT[@]}" install -y chromium ||
             [ ! -x /usr/bin/chromium ]; then
         echo "setup: installing chromium failed: install Debian's chromium package so that /usr/bin/chromium exists" \
              "(apt-get install -y chromium), then run this script again" >&2

@@ -39,7 +39,9 @@ async function errorText(response) {
   try {
     const body = await response.json();
     if (typeof body.detail === "string") detail = body.detail;
-    else if (Array.isArray(body.detail)) detail = body.detail.map((d) => `${(d.loc || []).slice(-1)[0]}: ${d.msg}`).join("; ");
+    else if (Array.isArray(body.detail)) {
+      detail = body.detail.map((d) => `${(d.loc || []).slice(-1)[0]}: ${d.msg}`).join("; ");
+    }
   } catch (_) { /* not JSON: keep the status line */ }
   if (response.status === 401) detail += " (open the page with #token=<token> at the end of its address)";
   if (response.status === 503 && response.headers.get("Retry-After")) {
@@ -159,7 +161,9 @@ function checkOptions() {
   }
   if (!$("seed-random").checked) {
     const text = $("seed").value.trim();
-    if (!/^\d+$/.test(text) || BigInt(text) > MAX_SEED) return `Seed: expected an integer from 0 to ${MAX_SEED}, got "${text}"`;
+    if (!/^\d+$/.test(text) || BigInt(text) > MAX_SEED) {
+      return `Seed: expected an integer from 0 to ${MAX_SEED}, got "${text}"`;
+    }
   }
   return null;
 }
@@ -221,7 +225,8 @@ function imageFile(items) {
 }
 
 // Where a pasted picture goes: the slot the user picked (clicked or focused) since the last picture came in, else the
-// picture while there is none, else the example. The chosen slot wears a "Ctrl+V pastes here" badge so it is never a surprise.
+// picture while there is none, else the example. The chosen slot wears a "Ctrl+V pastes here" badge, so where a
+// paste goes is never a surprise.
 function pasteSlot() {
   if (state.pasteTarget) return state.pasteTarget;
   return state.picture ? "example" : "picture";
@@ -229,7 +234,9 @@ function pasteSlot() {
 
 function showPasteTarget() {
   const target = pasteSlot();
-  for (const slot of document.querySelectorAll(".slot")) slot.classList.toggle("paste-target", slot.dataset.slot === target);
+  for (const slot of document.querySelectorAll(".slot")) {
+    slot.classList.toggle("paste-target", slot.dataset.slot === target);
+  }
 }
 
 function wireSlot(name) {
@@ -364,7 +371,8 @@ function wireCanvas() {
     event.preventDefault();
     canvas.setPointerCapture(event.pointerId);
     const p = toImage(event);
-    state.stroke = {kind: "stroke", erase: state.tool === "eraser", radius: brushRadius(p.scale), points: [{x: p.x, y: p.y}]};
+    state.stroke = {kind: "stroke", erase: state.tool === "eraser", radius: brushRadius(p.scale),
+                    points: [{x: p.x, y: p.y}]};
     const ctx = maskStore.getContext("2d");
     drawSegment(ctx, state.stroke, state.stroke.points[0], state.stroke.points[0]);
     ctx.globalCompositeOperation = "source-over";
