@@ -235,6 +235,7 @@ def test_the_stroke_drawn_with_the_mouse_is_the_mask_the_server_receives(
     seed = page.inner_text("#result-seed")
     command = page.inner_text("#command")
     assert command.startswith("pbe paint ") and f"--seed {seed}" in command and "--steps 2" in command
+    assert f"your picture ({pictures[0].name}) as image.png" in page.inner_text("#command-files")
     # "Download mask" gives the very mask the server received, so the command can be run.
     mask_png = page.evaluate("""async () => {
         const blob = await (await fetch(document.querySelector('#download-mask').href)).blob();

@@ -178,6 +178,13 @@ async function setPicture(file) {
     say(`Picture: ${file.name || "the pasted file"} is not a picture this browser can read`, "error");
     return;
   }
+  const limit = state.schema && state.schema.limits.max_pixels;
+  if (limit && bitmap.width * bitmap.height > limit) {
+    say(`Picture: ${bitmap.width}×${bitmap.height} is ${bitmap.width * bitmap.height} pixels, more than this ` +
+        `server's limit of ${limit}`, "error");
+    bitmap.close();
+    return;
+  }
   state.picture = {file, bitmap, width: bitmap.width, height: bitmap.height};
   for (const canvas of [$("picture-canvas"), $("mask-canvas")]) {
     canvas.width = bitmap.width;
@@ -495,6 +502,13 @@ async function paint() {
     say("Nothing to repaint: paint over the part of the picture to replace first (the mask is all black).", "error");
     return;
   }
+  const bytes = state.picture.file.size + state.example.file.size + mask.blob.size;
+  const maxBytes = state.schema.limits.max_upload_bytes;
+  if (bytes > maxBytes) {
+    say(`The pictures and the mask are ${(bytes / 2 ** 20).toFixed(1)} MiB together, more than this server's ` +
+        `limit of ${(maxBytes / 2 ** 20).toFixed(1)} MiB`, "error");
+    return;
+  }
   const form = new FormData();
   form.append("image", state.picture.file, state.picture.file.name || "image.png");
   form.append("mask", mask.blob, "mask.png");
@@ -559,6 +573,14 @@ function showResult(done, maskBlob) {
   $("result-seed").textContent = String(done.seed);
   $("result-size").textContent = `${done.width}×${done.height}`;
   $("command").textContent = done.command;
+  // The command reads the three pictures under the page's names: say which of the user's files they are.
+  const renames = [];
+  if (state.picture.file.name !== "image.png") renames.push(`your picture (${state.picture.file.name}) as image.png`);
+  if (state.example.file.name !== "example.png") {
+    renames.push(`your example (${state.example.file.name}) as example.png`);
+  }
+  $("command-files").textContent = "Run it with the mask saved as mask.png" +
+    (renames.length ? `, ${renames.join(" and ")}.` : ", beside image.png and example.png.");
 }
 
 async function copyCommand() {
@@ -631,7 +653,8 @@ async function start() {
       }
     }
   });
-  window.addEventListener("resize", layoutCanvas);
+  new ResizeObserver(layoutCanvas).observe($("picture-drop"));
+  setInterval(() => { if (!document.hidden && !state.controller) loadHealth(); }, 10_000);
   updateButtons();
   loadHealth();
   try {
