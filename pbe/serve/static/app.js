@@ -495,6 +495,21 @@ async function* readEvents(response) {
 }
 
 async function paint() {
+  if (state.controller) return;  // one painting at a time from this page (a double click sends one)
+  state.controller = new AbortController();
+  updateButtons();
+  try {
+    await send(state.controller.signal);
+  } finally {
+    state.controller = null;
+    $("progress").hidden = true;
+    updateButtons();
+    loadHealth();
+  }
+}
+
+// One painting: checks, the form, then the event stream until done, error or Cancel (`signal`).
+async function send(signal) {
   const problem = checkOptions();
   if (problem) { say(problem, "error"); return; }
   const mask = await maskPng();
@@ -516,13 +531,11 @@ async function paint() {
   optionFields(form);
   form.append("seed", $("seed-random").checked ? "" : $("seed").value.trim());
 
-  state.controller = new AbortController();
-  updateButtons();
   say("Sending…");
   showProgress("Sending the pictures…", null);
   let finished = false;
   try {
-    const response = await fetch("/api/paint", {method: "POST", body: form, signal: state.controller.signal,
+    const response = await fetch("/api/paint", {method: "POST", body: form, signal,
                                                headers: authHeaders({Accept: "text/event-stream"})});
     if (!response.ok) throw new Error(await errorText(response));
     for await (const event of readEvents(response)) {
@@ -551,11 +564,6 @@ async function paint() {
   } catch (err) {
     if (err.name === "AbortError") say("Cancelled.", "warn");
     else say(err.message === "Failed to fetch" ? "The server cannot be reached." : err.message, "error");
-  } finally {
-    state.controller = null;
-    $("progress").hidden = true;
-    updateButtons();
-    loadHealth();
   }
 }
 
