@@ -262,14 +262,25 @@ def test_undo_removes_the_last_stroke_and_an_empty_mask_is_refused_by_the_page(
     assert len(recording.calls) == calls  # refused before anything was sent
 
 
-def test_invert_repaints_everything_but_the_stroke(
+def test_the_eraser_takes_back_what_it_crosses_and_invert_flips_the_mask(
         open_page: Callable[..., Any], server: str, recording: RecordingPipe, pictures: tuple[Path, Path]) -> None:
     page = open_page(server)
     load(page, pictures)
-    stroke = draw(page, (0.3, 0.3), (0.7, 0.5))
+    stroke = draw(page, (0.2, 0.5), (0.8, 0.5), size=30)
+    page.click("#tool-eraser")
+    eraser = draw(page, (0.5, 0.2), (0.5, 0.8), size=40)
     page.click("#invert")
     call = paint(page, recording, steps=1)
-    assert_mask_is(call.mask, stroke, inside=0)
+    shape = call.mask.shape
+    on_stroke = stroke.distance(shape) <= stroke.radius - EDGE
+    off_stroke = stroke.distance(shape) >= stroke.radius + EDGE
+    erased = eraser.distance(shape) <= eraser.radius - EDGE
+    kept = eraser.distance(shape) >= eraser.radius + EDGE
+    # Inverted: black where the stroke stayed, white where it never was and where the eraser took it back.
+    assert (on_stroke & kept).sum() > 1000 and (on_stroke & erased).sum() > 500
+    assert (call.mask[on_stroke & kept] == 0).all()
+    assert (call.mask[on_stroke & erased] == 255).all()
+    assert (call.mask[off_stroke] == 255).all()
 
 
 def test_cancel_stops_a_long_painting_at_its_next_step(
