@@ -17,7 +17,7 @@ const MAX_SEED = (1n << 64n) - 1n;
 const state = {
   token: new URLSearchParams(location.hash.slice(1)).get("token"),
   schema: null,            // GET /api/options
-  picture: null,           // {file, bitmap, width, height}
+  picture: null,           // {file, width, height}
   example: null,           // {file}
   pasteTarget: null,       // "picture" | "example" once the user picked a slot; else chosen by what is empty
   tool: "brush",
@@ -185,20 +185,19 @@ async function setPicture(file) {
     bitmap.close();
     return;
   }
-  state.picture = {file, bitmap, width: bitmap.width, height: bitmap.height};
-  for (const canvas of [$("picture-canvas"), $("mask-canvas")]) {
-    canvas.width = bitmap.width;
-    canvas.height = bitmap.height;
+  state.picture = {file, width: bitmap.width, height: bitmap.height};
+  for (const canvas of [$("picture-canvas"), $("mask-canvas"), maskStore]) {
+    canvas.width = state.picture.width;
+    canvas.height = state.picture.height;
   }
   $("picture-canvas").getContext("2d").drawImage(bitmap, 0, 0);
-  maskStore.width = bitmap.width;
-  maskStore.height = bitmap.height;
+  bitmap.close();  // the canvas holds the pixels now
   state.ops = [];
   redrawMask();
   $("picture-empty").hidden = true;
   $("picture-drop").classList.add("loaded");
   $("canvas-box").hidden = false;
-  $("picture-note").textContent = `${file.name || "pasted"} · ${bitmap.width}×${bitmap.height}`;
+  $("picture-note").textContent = `${file.name || "pasted"} · ${state.picture.width}×${state.picture.height}`;
   state.pasteTarget = null;  // the next paste goes to the example while it is empty
   showPasteTarget();
   layoutCanvas();
