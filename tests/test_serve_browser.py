@@ -290,6 +290,10 @@ def test_cancel_stops_a_long_painting_at_its_next_step(
     draw(page, (0.3, 0.3), (0.6, 0.6))
     steps = int(page.get_attribute("#opt-steps", "max"))  # the sampler's ceiling, from /api/options
     assert steps >= 500
+    page.fill("#opt-steps", str(steps + 1))  # past the sampler's ceiling: refused on the page, naming both
+    page.click("#paint")
+    page.wait_for_function("document.querySelector('#message').classList.contains('error')")
+    assert page.inner_text("#message") == f'Steps: expected at most {steps} for pndm, got "{steps + 1}"'
     page.fill("#opt-steps", str(steps))
     page.click("#paint")
     page.wait_for_function("/^Step [1-9]/.test(document.querySelector('#progress-text').textContent)")

@@ -154,9 +154,14 @@ function optionFields(form) {
 function checkOptions() {
   for (const spec of state.schema.options) {
     const input = $(`opt-${spec.name}`);
-    if (input.type === "number" && !input.checkValidity()) {
+    const hidden = spec.only_with && !$(`opt-${spec.only_with}`).checked;
+    if (input.type === "number" && !hidden && !input.checkValidity()) {
       input.focus();
-      return `${labelFor(spec)}: ${input.validationMessage}`;
+      const v = input.validity;
+      const sampler = $("opt-scheduler") ? ` for ${$("opt-scheduler").value}` : "";
+      const expected = v.rangeUnderflow ? `at least ${input.min}` : v.rangeOverflow ? `at most ${input.max}${sampler}`
+        : v.stepMismatch ? "a whole number" : "a number";
+      return `${labelFor(spec)}: expected ${expected}, got "${input.value}"`;
     }
   }
   if (!$("seed-random").checked) {
