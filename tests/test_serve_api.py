@@ -356,7 +356,7 @@ def test_a_disconnected_stream_stops_its_painting_at_the_next_step_and_the_next_
         answer = http.post("/api/paint", files=files(), data={"steps": "2"})
         assert answer.status_code == 200
         waited = time.monotonic() - start
-    cancelled = [job for job in painter.finished if job.options.steps == int(LONG)][-1]
+    cancelled = [job for job in painter.finished if job.steps == int(LONG)][-1]
     assert cancelled.outcome == "cancelled"
     assert cancelled.steps_run <= 3, cancelled.steps_run
     assert waited < 10  # 600 steps would take far longer

@@ -68,12 +68,22 @@ class Job:
         self.cancelled.set()
 
 
+@dataclass(frozen=True)
+class Finished:
+    """What is kept of a job that left the worker (its pictures are not: the server's memory stays flat)."""
+
+    seed: int
+    steps: int  # the steps asked for
+    steps_run: int  # the steps its painting ran (all work items together)
+    outcome: str  # done, failed, cancelled (stopped while painting) or dropped (its client left while it waited)
+
+
 class Painter:
     """The worker thread and its bounded queue around one pipeline.
 
     ``pipe`` is called like ``PaintByExample.__call__``; ``queue``: how many requests may wait (the running one aside).
-    ``finished`` records every job that left the worker (done, failed, cancelled or dropped), newest last, so tests
-    can see how many steps a cancelled painting ran.
+    ``finished`` records the last jobs that left the worker (``Finished``: done, failed, cancelled or dropped), newest
+    last, so tests can see how many steps a cancelled painting ran.
     """
 
     def __init__(self, pipe: Callable[..., Any], *, queue: int) -> None:
@@ -86,7 +96,7 @@ class Painter:
         self._seconds_per_step: float | None = None  # measured: the mean over the paintings so far
         self._steps_measured = 0
         self._stopping = False
-        self.finished: collections.deque[Job] = collections.deque(maxlen=64)
+        self.finished: collections.deque[Finished] = collections.deque(maxlen=64)
         self._thread = threading.Thread(target=self._work, name="pbe-serve-painter", daemon=True)
         self._thread.start()
 
@@ -145,7 +155,7 @@ class Painter:
             if job in self._waiting:
                 self._waiting.remove(job)
                 job.outcome = "dropped"
-                self.finished.append(job)
+                self.finished.append(_record(job))
                 self._report_positions()
 
     def stop(self) -> None:
@@ -194,7 +204,7 @@ class Painter:
                         self._steps_measured += job.steps_run
                         self._seconds_per_step = total / self._steps_measured
                     self._running = None
-                    self.finished.append(job)
+                    self.finished.append(_record(job))
 
     def _paint(self, job: Job) -> None:
         """Run one job through the pipeline, its events on the way; a failure becomes an ``error`` event."""
@@ -234,6 +244,10 @@ class Painter:
             return
         job.outcome = "done"
         job.emit("painted", {"image": result.images[0]})
+
+
+def _record(job: Job) -> Finished:
+    return Finished(job.seed, job.options.steps, job.steps_run, job.outcome)
 
 
 def _work_items(image: PIL.Image.Image, mask: PIL.Image.Image, options: PaintOptions) -> int:
