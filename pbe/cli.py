@@ -44,6 +44,7 @@ from .loading import looks_like_path, resolve_checkpoint
 from .options import ModelOptions, OptionError, PaintOptions
 from .pipeline import PaintByExample
 from .schedulers import Scheduler
+from .serve import command as serve_command
 from .train import config as train_config
 
 if TYPE_CHECKING:
@@ -74,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_train_parser(commands)
     eval_command.add_arguments(commands.add_parser("eval", help="measure quality: FID, CLIP score and QS (COCOEE)",
                                                    description=eval_command.DESCRIPTION))
+    serve_command.add_arguments(commands.add_parser("serve", help="serve a web page that paints (pbe.serve)",
+                                                    description=serve_command.DESCRIPTION))
     return parser
 
 
@@ -396,7 +399,7 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"paint": _paint, "batch": _batch, "convert": convert_command.run, "merge-lora": _merge_lora,
-                "train": _train, "eval": eval_command.run}
+                "train": _train, "eval": eval_command.run, "serve": serve_command.run}
     try:
         with sigterm_as_interrupt():  # SIGTERM ends every command as Ctrl-C does: "interrupted", 130, nothing partial
             return commands[args.command](args)
