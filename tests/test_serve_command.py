@@ -3,7 +3,9 @@ the token in the printed URL, and a real server process that answers and ends wi
 
 from __future__ import annotations
 
+import signal
 import socket
+import time
 
 import httpx
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from conftest import HUB_SMALL
 from pbe import cli
 from pbe.pipeline import PaintByExample
-from serving import free_port, serve_command, stop, wait_until_serving
+from serving import events, files, free_port, serve_command, stop, wait_until_serving
 
 MODEL = ["--checkpoint", str(HUB_SMALL), "--device", "cpu", "--dtype", "fp32"]
 
@@ -74,12 +76,24 @@ def test_a_remote_host_warns_prints_the_token_url_serves_and_ends_130_on_sigterm
     assert "interrupted" in server.stderr.read()
 
 
-def test_loopback_serves_without_a_warning_and_a_token_less_url() -> None:
+def test_loopback_serves_without_a_warning_and_sigterm_stops_a_running_painting() -> None:
     port = free_port()
     server = serve_command(*MODEL, "--port", str(port))
     try:
         printed = wait_until_serving(server)
         assert "warning" not in printed
         assert f"serving on http://127.0.0.1:{port}/ " in printed
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http, http.stream(
+                "POST", "/api/paint", files=files(), data={"steps": "900"},
+                headers={"Accept": "text/event-stream"}) as response:
+            received = events(response)
+            assert next(name for name, _ in received if name == "progress")
+            start = time.monotonic()
+            server.send_signal(signal.SIGTERM)  # mid-painting: the painting stops, the stream ends, the server too
+            rest = list(received)
+            assert server.wait(30) == 130
+        assert time.monotonic() - start < 10  # 900 steps would take far longer
+        assert [name for name, _ in rest if name != "progress"] == ["error"]
+        assert rest[-1][1]["status"] == 503
     finally:
-        assert stop(server) == 130
+        stop(server)
