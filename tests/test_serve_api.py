@@ -154,6 +154,29 @@ def test_paint_as_events_reports_each_step_and_ends_with_the_same_picture(
     assert np.array_equal(painted, _reference(pipe, inputs, 7, steps=3))
 
 
+@pytest.mark.parametrize("kind", ["JPEG", "WEBP", "BMP", "GIF"])
+def test_every_accepted_format_is_read(client: httpx.Client, kind: str) -> None:
+    encoded = io.BytesIO()
+    pictures(seed=2)["example"].save(encoded, format=kind)
+    response = client.post("/api/paint", files=files(example=encoded.getvalue()), data={"steps": "1"})
+    assert response.status_code == 200, response.text
+
+
+def test_pictures_are_turned_upright_by_their_exif_orientation(served: tuple[str, Any, Recorder],
+                                                               client: httpx.Client) -> None:
+    inputs = pictures((64, 48), seed=4)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # orientation: shown rotated 90 degrees clockwise, so upright it is 48 wide and 64 high
+    sideways = io.BytesIO()
+    inputs["image"].save(sideways, format="JPEG", exif=exif)
+    upright_mask = png(PIL.Image.new("L", (48, 64), 255))
+    response = client.post("/api/paint", files=files(inputs, image=sideways.getvalue(), mask=upright_mask),
+                           data={"steps": "1"})
+    assert response.status_code == 200, response.text
+    assert PIL.Image.open(io.BytesIO(response.content)).size == (48, 64)
+    assert served[2].calls[-1]["image"].size == (48, 64)
+
+
 def test_an_absent_or_empty_seed_is_a_fresh_one_reported_back(client: httpx.Client) -> None:
     seeds = set()
     for form in ({"steps": "1"}, {"steps": "1", "seed": ""}):
@@ -162,6 +185,12 @@ def test_an_absent_or_empty_seed_is_a_fresh_one_reported_back(client: httpx.Clie
         seeds.add(int(response.headers["x-pbe-seed"]))
         assert f"--seed {response.headers['x-pbe-seed']}" in response.headers["x-pbe-command"]
     assert len(seeds) == 2
+
+
+def test_health_names_the_dtype_as_the_flag_does_without_model_options(pipe: PaintByExample) -> None:
+    with running(create_app(pipe)) as url:
+        assert httpx.get(f"{url}/api/health").json()["model"] == {"checkpoint": None, "device": "cpu",
+                                                                   "dtype": "fp32"}
 
 
 def test_health_and_the_options_schema(client: httpx.Client, model: ModelOptions, pipe: PaintByExample) -> None:

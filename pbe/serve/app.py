@@ -32,6 +32,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
+from ..checkpoint import DTYPES
 from ..options import ModelOptions, OptionError, PaintOptions
 from ..schedulers import SCHEDULERS, make_scheduler
 from . import uploads
@@ -132,7 +133,8 @@ def _model_description(pipe: Any, model: ModelOptions | None) -> dict[str, Any]:
     if model is not None:
         return {"checkpoint": model.checkpoint, "device": model.device, "dtype": model.dtype}
     device, dtype = getattr(pipe, "device", None), getattr(pipe, "dtype", None)
-    return {"checkpoint": None, "device": device and str(device), "dtype": dtype and str(dtype).removeprefix("torch.")}
+    name = next((name for name, value in DTYPES.items() if value == dtype), None)  # as --dtype names it
+    return {"checkpoint": None, "device": device and str(device), "dtype": name}
 
 
 def _check_token(request: Request, token: str | None) -> None:
