@@ -8,7 +8,6 @@ import io
 import shlex
 import socket
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -239,13 +238,13 @@ def test_a_token_is_required_when_set(pipe: PaintByExample) -> None:
         assert ok.status_code == 200
 
 
-def _raw_request(url: str, head: str, chunks: Iterator[bytes] = iter(())) -> tuple[int, bytes]:
+def _raw_request(url: str, head: str, chunks: Iterator[bytes] | None = None) -> tuple[int, bytes]:
     """Send a request by hand (to declare a size, or to send chunks), then read the answer's status and body."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(head.encode())
         try:
-            for chunk in chunks:
+            for chunk in chunks or ():
                 sock.sendall(chunk)
         except OSError:  # the server answered and closed before the whole body was sent
             pass

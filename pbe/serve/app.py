@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import hmac
 import io
 import json
 import os
 import shlex
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -36,26 +34,12 @@ from ..checkpoint import DTYPES
 from ..options import ModelOptions, OptionError, PaintOptions
 from ..schedulers import SCHEDULERS, make_scheduler
 from . import uploads
+from .limits import Limits
 from .painter import Job, Painter, QueueFull
 from .uploads import PICTURE_FIELDS, Refused
 
 STATIC = Path(__file__).resolve().parent / "static"
 SEED_RANGE = 2**64  # seeds are 0 .. 2**64 - 1, as torch.Generator.manual_seed takes them and `pbe paint --seed`
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one ``pbe serve`` accepts: each a positive integer, checked when built (ValueError naming the field)."""
-
-    max_upload_bytes: int = 64 * 1024 * 1024  # one request's body, the three pictures together
-    max_pixels: int = 4096 * 4096  # one picture's width x height, read from its header before decoding
-    queue: int = 8  # requests that may wait while one paints; one more is answered 503 with Retry-After
-
-    def __post_init__(self) -> None:
-        for spec in dataclasses.fields(self):
-            value = getattr(self, spec.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{spec.name}: expected a positive integer, got {value!r}")
 
 
 def create_app(pipe: Callable[..., Any], *, model: ModelOptions | None = None, limits: Limits = Limits(),
