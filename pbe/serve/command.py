@@ -74,11 +74,11 @@ def _limits(args: argparse.Namespace) -> Limits:
 
 def _check_installed() -> None:
     """A UsageError naming the missing package when the ``serve`` extra is not installed."""
-    for package in ("fastapi", "uvicorn", "multipart"):
+    for package in ("fastapi", "uvicorn", "python_multipart"):
         try:
             __import__(package)
         except ImportError:
-            name = "python-multipart" if package == "multipart" else package
+            name = package.replace("_", "-")
             raise UsageError(f"pbe serve needs {name} (the serve extra): pip install 'pbe[serve]'") from None
 
 
