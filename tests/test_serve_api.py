@@ -365,7 +365,9 @@ def test_a_full_queue_answers_503_with_retry_after_before_reading_the_uploads(
                 # Not a picture at all: still 503, so the uploads were not looked at.
                 refused = http.post("/api/paint", files=files(image=b"not a picture"), data={"steps": "1"})
                 assert refused.status_code == 503
-                assert int(refused.headers["retry-after"]) >= 1
+                # An estimate from the measured time per step (tens of ms; more while uploads compete for the CPU),
+                # not a guess of a second per step (599).
+                assert 1 <= int(refused.headers["retry-after"]) <= 300
                 assert "queue is full" in refused.json()["detail"]
     _wait_idle(app)
 
