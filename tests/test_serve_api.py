@@ -456,3 +456,25 @@ def test_nothing_is_left_in_tmpdir_after_paintings_refusals_and_a_cancel(tmp_pat
     finally:
         stop(server)
     assert list(tmp.iterdir()) == []
+
+
+# ---- failures while painting ----------------------------------------------------------------------------------------
+
+
+def test_a_failure_while_painting_is_reported_and_the_server_goes_on(pipe: PaintByExample) -> None:
+    def failing(example: Any, image: Any, mask: Any, **keywords: Any) -> Any:
+        if keywords["generator"].initial_seed() == 13:
+            keywords["callback"](0, 981, torch.zeros(1))
+            raise RuntimeError("the latents hold NaN or inf after denoising step 1 of 2")
+        return pipe(example, image, mask, **keywords)
+
+    failing.scheduler_config = pipe.scheduler_config  # type: ignore[attr-defined]
+    with running(create_app(failing)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        with http.stream("POST", "/api/paint", files=files(), data={"steps": "2", "seed": "13"},
+                         headers={"Accept": "text/event-stream"}) as response:
+            received = list(events(response))
+        assert [name for name, _ in received] == ["queued", "started", "progress", "error"]
+        assert received[-1][1] == {"status": 500, "detail": "the latents hold NaN or inf after denoising step 1 of 2"}
+        plain = http.post("/api/paint", files=files(), data={"steps": "2", "seed": "13"})
+        assert plain.status_code == 500 and "NaN" in plain.json()["detail"]
+        assert http.post("/api/paint", files=files(), data={"steps": "2", "seed": "14"}).status_code == 200

@@ -206,6 +206,9 @@ class Painter:
         while (job := self._next()) is not None:
             try:
                 self._paint(job)
+            except Exception as err:  # a bug of ours must not end the thread that serves everyone
+                job.outcome = "failed"
+                job.emit("error", {"status": 500, "detail": _one_line(err)})
             finally:
                 with self._lock:
                     elapsed = time.monotonic() - self._started_at
@@ -221,9 +224,10 @@ class Painter:
         options = job.options
         if job.cancelled.is_set():
             job.outcome = "cancelled"
+            job.emit("error", {"status": 503, "detail": "cancelled before it started"})
             return
-        items = _work_items(job.image, job.mask, options)
         job.emit("started", {"steps": options.steps, "seed": job.seed})
+        items = _work_items(job.image, job.mask, options)
 
         def callback(step: int, timestep: int, latents: torch.Tensor) -> None:
             if job.cancelled.is_set():
