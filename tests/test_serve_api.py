@@ -348,7 +348,7 @@ def _first_event(received: Iterator[tuple[str, dict[str, Any]]], wanted: str) ->
     raise AssertionError(f"no {wanted} event")
 
 
-def test_a_full_queue_answers_503_with_retry_after_before_reading_the_uploads(
+def test_a_full_queue_answers_503_with_retry_after_before_reading_the_uploads_and_positions_move_up(
         served: tuple[str, Any, Recorder], pipe: PaintByExample) -> None:
     url, app, _ = served
     sse = {"Accept": "text/event-stream"}
@@ -369,6 +369,8 @@ def test_a_full_queue_answers_503_with_retry_after_before_reading_the_uploads(
                 # not a guess of a second per step (599).
                 assert 1 <= int(refused.headers["retry-after"]) <= 300
                 assert "queue is full" in refused.json()["detail"]
+                second.close()  # the one ahead leaves: the third hears that it is next
+                assert _first_event(third_events, "queued") == {"position": 0}
     _wait_idle(app)
 
 
