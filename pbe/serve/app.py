@@ -28,6 +28,7 @@ import PIL.Image
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..checkpoint import DTYPES
@@ -94,6 +95,8 @@ def create_app(pipe: Callable[..., Any], *, model: ModelOptions | None = None, l
                 raise
         except Refused as err:
             return JSONResponse({"detail": err.detail}, status_code=err.status, headers=err.headers)
+        except ClientDisconnect:  # gone while uploading: nobody reads an answer
+            return Response(status_code=499)
         painter.submit(job)
         command = _repeat_command(job, model)
         if "text/event-stream" in request.headers.get("accept", ""):
