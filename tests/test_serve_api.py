@@ -279,6 +279,21 @@ def test_an_upload_over_the_limit_is_refused_413_before_it_is_read(served: tuple
     assert len(sent) < 400  # refused while it arrived
 
 
+def test_a_client_gone_while_uploading_gives_its_place_back(served: tuple[str, Any, Recorder],
+                                                            client: httpx.Client) -> None:
+    host, port = served[0].removeprefix("http://").split(":")
+    for _ in range(3):  # more than the queue's 2 places: each must come back
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /api/paint HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 100000\r\n\r\n--b\r\n")
+            time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while client.get("/api/health").json()["queue"]["waiting"]:
+        assert time.monotonic() < deadline, "a place stayed taken"
+        time.sleep(0.05)
+    assert client.post("/api/paint", files=files(), data={"steps": "1"}).status_code == 200
+
+
 @pytest.mark.parametrize(("data", "found"), [(b"just some text\n", "text"), (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj",
                                                                                 "a PDF document")])
 def test_a_file_that_is_not_an_accepted_picture_is_refused_415(client: httpx.Client, data: bytes, found: str) -> None:
