@@ -3,7 +3,9 @@ the token in the printed URL, and a real server process that answers and ends wi
 
 from __future__ import annotations
 
+import signal
 import socket
+import time
 
 import httpx
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from conftest import HUB_SMALL
 from pbe import cli
 from pbe.pipeline import PaintByExample
-from serving import free_port, serve_command, stop, wait_until_serving
+from serving import events, files, free_port, serve_command, stop, wait_until_serving
 
 MODEL = ["--checkpoint", str(HUB_SMALL), "--device", "cpu", "--dtype", "fp32"]
 
@@ -57,29 +59,39 @@ def test_a_port_in_use_is_refused_before_loading(capsys: pytest.CaptureFixture[s
     assert f"error: --port: cannot listen on 127.0.0.1:{port}" in err and "in use" in err
 
 
-def test_a_remote_host_warns_prints_the_token_url_serves_and_ends_130_on_sigterm() -> None:
+def test_loopback_serves_without_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    def stop_at_loading(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("stopped at loading")  # the warning would have been printed by now
+
+    monkeypatch.setattr(PaintByExample, "from_pretrained", stop_at_loading)
+    assert cli.main(["serve", *MODEL, "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert "error: stopped at loading" in err and "warning" not in err
+
+
+def test_a_remote_host_warns_prints_the_token_url_serves_and_sigterm_stops_a_painting_with_130() -> None:
     port = free_port()
     server = serve_command(*MODEL, "--host", "0.0.0.0", "--allow-remote", "--port", str(port), "--token", "tok3n")
     try:
         printed = wait_until_serving(server)
         assert "warning: serving on 0.0.0.0" in printed and "anyone" in printed
         assert f"serving on http://0.0.0.0:{port}/#token=tok3n" in printed
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             health = http.get("/api/health").json()
             assert health["status"] == "ok" and health["model"]["checkpoint"] == str(HUB_SMALL)
             assert http.post("/api/paint").status_code == 401
+            with http.stream("POST", "/api/paint", files=files(), data={"steps": "900"},
+                             headers={"Accept": "text/event-stream", "Authorization": "Bearer tok3n"}) as response:
+                received = events(response)
+                assert next(name for name, _ in received if name == "progress")
+                start = time.monotonic()
+                server.send_signal(signal.SIGTERM)  # mid-painting: the painting stops, the stream ends, the server too
+                rest = list(received)
+                assert server.wait(30) == 130
+        assert time.monotonic() - start < 10  # 900 steps would take far longer
+        assert [name for name, _ in rest if name != "progress"] == ["error"]
+        assert rest[-1][1]["status"] == 503
+        assert "interrupted" in server.stderr.read()
     finally:
-        status = stop(server)
-    assert status == 130
-    assert "interrupted" in server.stderr.read()
-
-
-def test_loopback_serves_without_a_warning_and_a_token_less_url() -> None:
-    port = free_port()
-    server = serve_command(*MODEL, "--port", str(port))
-    try:
-        printed = wait_until_serving(server)
-        assert "warning" not in printed
-        assert f"serving on http://127.0.0.1:{port}/ " in printed
-    finally:
-        assert stop(server) == 130
+        stop(server)

@@ -12,7 +12,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .app import Limits, create_app
+    from .app import create_app
+    from .limits import Limits
 
 __all__ = ["Limits", "create_app"]
 
@@ -20,5 +21,5 @@ __all__ = ["Limits", "create_app"]
 def __getattr__(name: str) -> Any:
     """``create_app`` and ``Limits`` on first use (they import FastAPI)."""
     if name in __all__:
-        return getattr(importlib.import_module("pbe.serve.app"), name)
+        return getattr(importlib.import_module("pbe.serve.limits" if name == "Limits" else "pbe.serve.app"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import hmac
 import io
 import json
 import os
 import shlex
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -30,31 +28,19 @@ import PIL.Image
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
+from ..checkpoint import DTYPES
 from ..options import ModelOptions, OptionError, PaintOptions
 from ..schedulers import SCHEDULERS, make_scheduler
 from . import uploads
+from .limits import Limits
 from .painter import Job, Painter, QueueFull
 from .uploads import PICTURE_FIELDS, Refused
 
 STATIC = Path(__file__).resolve().parent / "static"
 SEED_RANGE = 2**64  # seeds are 0 .. 2**64 - 1, as torch.Generator.manual_seed takes them and `pbe paint --seed`
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one ``pbe serve`` accepts: each a positive integer, checked when built (ValueError naming the field)."""
-
-    max_upload_bytes: int = 64 * 1024 * 1024  # one request's body, the three pictures together
-    max_pixels: int = 4096 * 4096  # one picture's width x height, read from its header before decoding
-    queue: int = 8  # requests that may wait while one paints; one more is answered 503 with Retry-After
-
-    def __post_init__(self) -> None:
-        for spec in dataclasses.fields(self):
-            value = getattr(self, spec.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{spec.name}: expected a positive integer, got {value!r}")
 
 
 def create_app(pipe: Callable[..., Any], *, model: ModelOptions | None = None, limits: Limits = Limits(),
@@ -109,6 +95,8 @@ def create_app(pipe: Callable[..., Any], *, model: ModelOptions | None = None, l
                 raise
         except Refused as err:
             return JSONResponse({"detail": err.detail}, status_code=err.status, headers=err.headers)
+        except ClientDisconnect:  # gone while uploading: nobody reads an answer
+            return Response(status_code=499)
         painter.submit(job)
         command = _repeat_command(job, model)
         if "text/event-stream" in request.headers.get("accept", ""):
@@ -132,7 +120,8 @@ def _model_description(pipe: Any, model: ModelOptions | None) -> dict[str, Any]:
     if model is not None:
         return {"checkpoint": model.checkpoint, "device": model.device, "dtype": model.dtype}
     device, dtype = getattr(pipe, "device", None), getattr(pipe, "dtype", None)
-    return {"checkpoint": None, "device": device and str(device), "dtype": dtype and str(dtype).removeprefix("torch.")}
+    name = next((name for name, value in DTYPES.items() if value == dtype), None)  # as --dtype names it
+    return {"checkpoint": None, "device": device and str(device), "dtype": name}
 
 
 def _check_token(request: Request, token: str | None) -> None:

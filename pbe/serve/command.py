@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..options import ModelOptions
+from .limits import Limits
 
 DESCRIPTION = "serve a web page and an HTTP API that paint with one model (see /docs for the API)"
 MEGABYTE = 1024 * 1024
@@ -32,11 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None,
                         help="require this token (Authorization: Bearer TOKEN) to paint; the printed URL carries it")
     parser.add_argument("--queue", type=int, default=None,
-                        help="requests that may wait while one paints; more are answered 503 (default 8)")
+                        help=f"requests that may wait while one paints; more are answered 503 (default "
+                             f"{Limits().queue})")
     parser.add_argument("--max-upload-mb", type=float, default=None,
-                        help="largest request body, the three pictures together, in MiB (default 64)")
+                        help=f"largest request body, the three pictures together, in MiB (default "
+                             f"{Limits().max_upload_bytes / MEGABYTE:g})")
     parser.add_argument("--max-pixels", type=int, default=None,
-                        help="largest picture, width x height, read before decoding (default 4096 x 4096)")
+                        help=f"largest picture, width x height, read before decoding (default "
+                             f"{Limits().max_pixels})")
     ModelOptions.add_arguments(parser)
 
 
@@ -49,10 +53,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _limits(args: argparse.Namespace) -> Any:
+def _limits(args: argparse.Namespace) -> Limits:
     """The ``Limits`` the flags ask for (the defaults where a flag is absent); a UsageError names the flag."""
-    from .app import Limits
-
     changes: dict[str, Any] = {}
     if args.queue is not None:
         changes["queue"] = args.queue
@@ -68,6 +70,16 @@ def _limits(args: argparse.Namespace) -> Any:
     except ValueError as err:
         name, _, problem = str(err).partition(": ")
         raise UsageError(f"{flags.get(name, name)}: {problem}") from None
+
+
+def _check_installed() -> None:
+    """A UsageError naming the missing package when the ``serve`` extra is not installed."""
+    for package in ("fastapi", "uvicorn", "python_multipart"):
+        try:
+            __import__(package)
+        except ImportError:
+            name = package.replace("_", "-")
+            raise UsageError(f"pbe serve needs {name} (the serve extra): pip install 'pbe[serve]'") from None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -98,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
                          f"add --allow-remote to serve it anyway (and consider --token)")
     if args.token is not None and not args.token.strip():
         raise UsageError("--token: expected a non-empty text, got ''")
+    _check_installed()
     limits = _limits(args)
     model, choice = ModelOptions.from_arguments(args).resolved()
     sock = _bind(args.host, args.port)
@@ -107,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
 
 
-def _serve(sock: socket.socket, args: argparse.Namespace, model: ModelOptions, choice: str, limits: Any) -> int:
+def _serve(sock: socket.socket, args: argparse.Namespace, model: ModelOptions, choice: str, limits: Limits) -> int:
     import uvicorn
 
     from ..pipeline import PaintByExample

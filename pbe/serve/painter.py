@@ -55,6 +55,7 @@ class Job:
     steps_run: int = 0  # denoising steps this job's painting ran (all work items together)
     position: int | None = None  # requests ahead of it, last reported
     outcome: str = "queued"  # then running, and done, failed, cancelled or dropped
+    first_step_at: float = 0.0  # time.monotonic() at its first step
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
         """Hand an event to the request's event loop (from any thread); a closed loop (server shut down) drops it."""
@@ -116,12 +117,18 @@ class Painter:
 
     def retry_after(self) -> int:
         """Seconds until a place in a full queue is likely free: the steps left to the painting that runs now (a
-        place frees when it ends and the next one starts) times the measured time per step (1 s before any
-        painting was measured), at least 1."""
+        place frees when it ends and the next one starts) times the time per step, measured over the paintings so
+        far (before the first ends: over the running one's steps so far), at least 1."""
         with self._lock:
-            per_step = self._seconds_per_step or 1.0
             running = self._running
-            left = max(running.options.steps - running.steps_run, 0) if running is not None else 0
+            if running is None:
+                return 1
+            per_step = self._seconds_per_step
+            if per_step is None and running.steps_run >= 2:  # between its steps: the encoders' setup left out
+                per_step = (time.monotonic() - running.first_step_at) / (running.steps_run - 1)
+            elif per_step is None:
+                per_step = time.monotonic() - self._started_at
+            left = max(running.options.steps - running.steps_run, 0)
         return max(1, math.ceil(per_step * left))
 
     def reserve(self) -> None:
@@ -144,6 +151,9 @@ class Painter:
         """Queue ``job`` in the place its request reserved; it gets a ``queued`` event with its position."""
         with self._lock:
             self._reserved -= 1
+            if self._stopping:
+                job.emit("error", {"status": 503, "detail": "the server is shutting down"})
+                return
             self._waiting.append(job)
             self._report_positions()
             self._lock.notify_all()
@@ -196,6 +206,9 @@ class Painter:
         while (job := self._next()) is not None:
             try:
                 self._paint(job)
+            except Exception as err:  # a bug of ours must not end the thread that serves everyone
+                job.outcome = "failed"
+                job.emit("error", {"status": 500, "detail": _one_line(err)})
             finally:
                 with self._lock:
                     elapsed = time.monotonic() - self._started_at
@@ -211,14 +224,17 @@ class Painter:
         options = job.options
         if job.cancelled.is_set():
             job.outcome = "cancelled"
+            job.emit("error", {"status": 503, "detail": "cancelled before it started"})
             return
-        items = _work_items(job.image, job.mask, options)
         job.emit("started", {"steps": options.steps, "seed": job.seed})
+        items = _work_items(job.image, job.mask, options)
 
         def callback(step: int, timestep: int, latents: torch.Tensor) -> None:
             if job.cancelled.is_set():
                 raise Cancelled()
             job.steps_run += 1
+            if job.steps_run == 1:
+                job.first_step_at = time.monotonic()
             # The pipeline's own step index depends on the sampler's warm-up; count the calls instead.
             item, step_in_item = divmod(job.steps_run - 1, options.steps)
             job.emit("progress", {"step": step_in_item + 1, "steps": options.steps, "item": min(item + 1, items),

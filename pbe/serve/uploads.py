@@ -8,8 +8,8 @@ the type found named), 422 a corrupt picture, one with too many pixels (a decomp
 
 from __future__ import annotations
 
+import asyncio
 import io
-import warnings
 from collections.abc import AsyncIterator
 
 import PIL.Image
@@ -68,10 +68,8 @@ async def read_form(headers: Headers, stream: AsyncIterator[bytes], *, limit: in
 def _what_it_is(data: bytes, content_type: str | None) -> str:
     """A short name for data that PIL does not take as an accepted picture."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with PIL.Image.open(io.BytesIO(data)) as opened:
-                return f"a {opened.format} picture"
+        with PIL.Image.open(io.BytesIO(data)) as opened:
+            return f"a {opened.format} picture"
     except Exception:
         pass
     if data.startswith(b"%PDF"):
@@ -86,25 +84,28 @@ def _what_it_is(data: bytes, content_type: str | None) -> str:
 async def read_picture(form: FormData, name: str, *, max_pixels: int) -> PIL.Image.Image:
     """The picture in the form's file field ``name``, decoded and turned upright (EXIF), as ``pbe paint`` reads a file.
 
-    Its size is read from the header and refused over ``max_pixels`` before any pixel is decoded.
+    Its size is read from the header and refused over ``max_pixels`` before any pixel is decoded; the decoding runs
+    on a thread of its own, so that a large picture does not hold up the server's other requests.
     """
     upload = form.get(name)
     if not isinstance(upload, UploadFile):
         raise Refused(422, f"{name}: expected a picture file in the form field {name!r}, got "
                            f"{'nothing' if upload is None else 'a text field'}")
     data = await upload.read()
+    return await asyncio.to_thread(_decode, data, name, upload.content_type, max_pixels=max_pixels)
+
+
+def _decode(data: bytes, name: str, content_type: str | None, *, max_pixels: int) -> PIL.Image.Image:
     accepted = ", ".join(ACCEPTED_FORMATS)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)  # max_pixels decides, below
-            opened = PIL.Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    try:  # reads the header only; PIL's DecompressionBombWarning may show: max_pixels decides, below
+        opened = PIL.Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except PIL.Image.DecompressionBombError as err:  # PIL's own ceiling, far above any sane max_pixels
         raise Refused(422, f"{name}: too many pixels ({err}); the limit is {max_pixels} (max_pixels)") from None
     except PIL.UnidentifiedImageError:
-        raise Refused(415, f"{name}: expected a picture ({accepted}), got {_what_it_is(data, upload.content_type)}"
+        raise Refused(415, f"{name}: expected a picture ({accepted}), got {_what_it_is(data, content_type)}"
                       ) from None
     except Exception as err:  # a header PIL recognises but cannot parse
-        raise Refused(422, f"{name}: a corrupt {err.__class__.__name__} picture: {err}") from None
+        raise Refused(422, f"{name}: a corrupt picture ({_one_line(err)})") from None
     with opened:
         width, height = opened.size
         if width * height > max_pixels:
