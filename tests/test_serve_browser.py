@@ -53,7 +53,7 @@ class RecordingPipe:
 
     def __call__(self, example_image: Any, image: Any, mask_image: Any, *, callback: Callable[..., None] | None = None,
                  **keywords: Any) -> Any:
-        call = Call(np.array(mask_image.convert("L")), keywords["num_inference_steps"])
+        call = Call(np.array(mask_image.convert("L")), keywords["options"].steps)
         self.calls.append(call)
 
         def counted(*args: Any) -> None:

@@ -95,3 +95,20 @@ def test_a_remote_host_warns_prints_the_token_url_serves_and_sigterm_stops_a_pai
         assert "interrupted" in server.stderr.read()
     finally:
         stop(server)
+
+
+def test_the_token_can_come_from_the_environment_out_of_the_process_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pbe.serve import command
+
+    seen: dict[str, object] = {}
+
+    def serve(sock: socket.socket, args: object, *rest: object) -> int:
+        seen["token"] = args.token  # type: ignore[attr-defined]
+        return 0
+
+    monkeypatch.setattr(command, "_serve", serve)
+    monkeypatch.setenv(command.TOKEN_VARIABLE, "s3cret")
+    assert cli.main(["serve", *MODEL, "--port", str(free_port())]) == 0
+    assert seen["token"] == "s3cret"
+    assert cli.main(["serve", *MODEL, "--port", str(free_port()), "--token", "flag"]) == 0
+    assert seen["token"] == "flag"  # the flag wins

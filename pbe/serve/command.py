@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import socket
 import sys
 from typing import Any
@@ -20,6 +21,7 @@ from .limits import Limits
 
 DESCRIPTION = "serve a web page and an HTTP API that paint with one model (see /docs for the API)"
 MEGABYTE = 1024 * 1024
+TOKEN_VARIABLE = "PBE_SERVE_TOKEN"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--allow-remote", action="store_true",
                         help="allow a --host other than loopback: anyone who reaches it can use the model")
-    parser.add_argument("--token", default=None,
-                        help="require this token (Authorization: Bearer TOKEN) to paint; the printed URL carries it")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_VARIABLE) or None,
+                        help=f"require this token (Authorization: Bearer TOKEN) to paint; the printed URL carries "
+                             f"it (default: the environment variable {TOKEN_VARIABLE}, which, unlike the flag, other "
+                             f"users of this machine cannot read in the process list)")
     parser.add_argument("--queue", type=int, default=None,
                         help=f"requests that may wait while one paints; more are answered 503 (default "
                              f"{Limits().queue})")

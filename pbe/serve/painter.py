@@ -245,7 +245,7 @@ class Painter:
         generator = torch.Generator().manual_seed(job.seed)  # on the CPU: the same noise on every device (pbe paint)
         try:
             result = self.pipe(job.example, job.image, job.mask, generator=generator, callback=callback,
-                               progress=False, **options.pipeline_keywords())
+                               progress=False, options=options)
         except Cancelled:
             job.outcome = "cancelled"  # its client went away, or the server is shutting down: tell whoever listens
             job.emit("error", {"status": 503, "detail": f"cancelled after {job.steps_run} steps"})
