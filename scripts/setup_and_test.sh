@@ -22,7 +22,9 @@ if [ ! -x /usr/bin/chromium ]; then
         exit 1
     fi
     APT=(${SUDO[@]+"${SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get -q)
-    if ! command -v apt-get >/dev/null 2>&1 || ! "${APT[@]}" update || ! "${APT[@]}" install -y chromium ||
+    # The package lists may be current already (install at once) or stale (refresh them, then install).
+    if ! command -v apt-get >/dev/null 2>&1 ||
+            ! { "${APT[@]}" install -y chromium || { "${APT[@]}" update && "${APT[@]}" install -y chromium; }; } ||
             [ ! -x /usr/bin/chromium ]; then
         echo "setup: installing chromium failed: install Debian's chromium package so that /usr/bin/chromium exists" \
              "(apt-get install -y chromium), then run this script again" >&2

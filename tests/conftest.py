@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -214,3 +216,16 @@ def generation_error(key: str, result: torch.Tensor, reference: torch.Tensor) ->
     if key == "images":
         return (result.detach().cpu().float() - reference.detach().cpu().float()).abs().max().item()
     return relative_error(result, reference)
+
+
+def random_picture(height: int, width: int, seed: int) -> PIL.Image.Image:
+    """A picture of uniform random colours (tests that need any picture of a given size)."""
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def centre_mask(height: int, width: int) -> PIL.Image.Image:
+    """A mask that repaints the middle half of each side (white), keeps the rest (black)."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
+    return PIL.Image.fromarray(mask)

@@ -18,22 +18,14 @@ from pbe.pipeline import REFUSED_ARGUMENTS
 from pbe.schedulers import DDIMScheduler
 
 from conftest import HUB
+from conftest import centre_mask as _mask
+from conftest import random_picture as _picture
 
 
 @pytest.fixture(scope="module")
 def pipe() -> PaintByExample:
     return PaintByExample.from_pretrained(HUB)
 
-
-def _picture(height: int, width: int, seed: int) -> PIL.Image.Image:
-    rng = np.random.default_rng(seed)
-    return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def _mask(height: int, width: int) -> PIL.Image.Image:
-    mask = np.zeros((height, width), np.uint8)
-    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
-    return PIL.Image.fromarray(mask)
 
 
 def _paint(pipe, image, mask, **kwargs):
